@@ -1,0 +1,115 @@
+"""Kafka plumbing outside the Faust app: topic admin and a fast batch producer.
+
+The worker's own topics are declared by Faust too, but creating them up front with the configured
+partition count matters: the input topics and the profiles changelog must be co-partitioned (same
+partition count, keyed by user id) for a user's events and state to live on the same worker. The
+producer is what ``persona simulate`` and ``persona replay`` use to load input topics quickly: it
+pipelines sends and waits for acknowledgements in chunks, not per message.
+
+>>> bootstrap_servers("kafka://broker-1:9092;kafka://broker-2:9092")
+'broker-1:9092,broker-2:9092'
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+
+def bootstrap_servers(broker_url: str) -> str:
+    """Faust broker URL(s) (``kafka://host:port;...``) to aiokafka bootstrap servers."""
+    hosts = []
+    for part in broker_url.replace(",", ";").split(";"):
+        part = part.strip()
+        if part:
+            hosts.append(part.split("://", 1)[-1].rstrip("/"))
+    return ",".join(hosts)
+
+
+async def create_topics(
+    broker_url: str,
+    names: Iterable[str],
+    *,
+    partitions: int,
+    replication_factor: int = 1,
+    timeout_s: float = 30.0,
+) -> list[str]:
+    """Create the topics that do not exist yet; return the names created."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers(broker_url), request_timeout_ms=int(timeout_s * 1000)
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [name for name in dict.fromkeys(names) if name not in existing]
+        created = []
+        for name in wanted:
+            try:
+                topic = NewTopic(
+                    name, num_partitions=partitions, replication_factor=replication_factor
+                )
+                await admin.create_topics([topic])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+        return created
+    finally:
+        await admin.close()
+
+
+Message = tuple[str, bytes | None, bytes]
+"""(topic, key, value)."""
+
+
+async def produce_all(
+    broker_url: str,
+    messages: Iterable[Message],
+    *,
+    chunk: int = 5000,
+    on_progress: Callable[[int], None] | None = None,
+    rate_per_s: float | None = None,
+) -> int:
+    """Send every message, in order, acknowledged by the broker; return how many were sent.
+
+    With ``rate_per_s`` the sends are paced (the demo's live traffic); without it they go as fast
+    as the broker takes them. Order within a partition is kept (one in-flight batch per partition).
+    """
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers(broker_url),
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+        acks="all",
+        enable_idempotence=False,
+    )
+    await producer.start()
+    sent = 0
+    started = asyncio.get_running_loop().time()
+    try:
+        pending: list[asyncio.Future[object]] = []
+        for topic, key, value in messages:
+            pending.append(await producer.send(topic, value=value, key=key))
+            sent += 1
+            if len(pending) >= chunk:
+                await asyncio.gather(*pending)
+                pending.clear()
+                if on_progress:
+                    on_progress(sent)
+            if rate_per_s and sent % 100 == 0:
+                ahead = sent / rate_per_s - (asyncio.get_running_loop().time() - started)
+                if ahead > 0:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+                    if on_progress:
+                        on_progress(sent)
+                    await asyncio.sleep(ahead)
+        if pending:
+            await asyncio.gather(*pending)
+        if on_progress:
+            on_progress(sent)
+        return sent
+    finally:
+        await producer.stop()

@@ -1,0 +1,222 @@
+"""The ``persona`` command: worker, demo, simulate, replay, settings.
+
+Every usage or input error is reported in one line on stderr with exit status 2, never a
+traceback: a marketer running a replay on a wrong file must see what is wrong at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from connectors.embedded import EmbeddedServerError
+from streams.settings import Settings, SettingsError, settings_markdown
+
+
+class UserError(Exception):
+    """A mistake in the command line, a file or a setting: reported in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from connectors.replay import FORMATS
+
+    parser = _Parser(prog="persona", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    commands.add_parser("worker", help="run a worker against the broker and Redis in the settings")
+
+    demo = commands.add_parser(
+        "demo", help="embedded broker + Redis + worker + simulated shoppers, with a live view"
+    )
+    demo.add_argument("--duration", type=_non_negative_float, default=30.0, help="seconds")
+    demo.add_argument("--users", type=_positive_int, default=2000)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--rate", type=_non_negative_float, default=3000.0, help="events/s; 0: max")
+    demo.add_argument("--partitions", type=_positive_int, default=4)
+    demo.add_argument("--web-port", type=_positive_int, default=None, help="default: a free port")
+    demo.add_argument("--invalid-rate", type=_fraction, default=0.002)
+    demo.add_argument("--json", action="store_true", help="end with one JSON line of results")
+
+    simulate = commands.add_parser("simulate", help="simulated shoppers to the input topics")
+    simulate.add_argument("--users", type=_positive_int, default=1000)
+    simulate.add_argument("--seed", type=int, default=7)
+    simulate.add_argument("--days", type=_non_negative_float, default=30.0)
+    simulate.add_argument("--rate", type=_non_negative_float, default=0.0, help="events/s; 0: max")
+    simulate.add_argument("--invalid-rate", type=_fraction, default=0.0)
+    simulate.add_argument("--duplicate-rate", type=_fraction, default=0.0)
+    simulate.add_argument("--ground-truth", type=Path, help="write each user's true type here")
+    simulate.add_argument(
+        "--out", type=Path, help="write Segment JSONL here instead of producing to Kafka"
+    )
+
+    replay = commands.add_parser("replay", help="a real event log to the input topics")
+    replay.add_argument("file", type=Path)
+    replay.add_argument("--format", choices=FORMATS, required=True)
+
+    show = commands.add_parser("settings", help="print the settings (or their table)")
+    show.add_argument("--markdown", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    except (UserError, SettingsError, EmbeddedServerError, OSError) as exc:
+        print(f"persona {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from connectors.replay import ReplayError
+
+    try:
+        if args.command == "settings":
+            return _settings(args)
+        if args.command == "worker":
+            from streams.worker import run_worker
+
+            run_worker(Settings.from_env())
+            return 0
+        if args.command == "demo":
+            from streams.demo import run_demo
+
+            return run_demo(args)
+        if args.command == "simulate":
+            return _simulate(args)
+        if args.command == "replay":
+            return _replay(args)
+    except ReplayError as exc:
+        raise UserError(str(exc)) from None
+    raise UserError(f"unknown command {args.command}")
+
+
+def _settings(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(settings_markdown())
+        return 0
+    for name, value in Settings.from_env().as_env().items():
+        print(f"{name}={value}")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import orjson
+
+    from connectors.simulator import ShopperSimulator
+
+    simulator = ShopperSimulator(
+        args.users,
+        args.seed,
+        days=args.days,
+        invalid_rate=args.invalid_rate,
+        duplicate_rate=args.duplicate_rate,
+    )
+    if args.ground_truth:
+        simulator.write_ground_truth(args.ground_truth)
+    if args.out:
+        with args.out.open("wb") as out:
+            count = 0
+            for _stream, _key, value in simulator.raw_messages():
+                out.write(value.replace(b"\n", b" ") + b"\n")
+                count += 1
+        print(orjson.dumps({"events": count, "file": str(args.out)}).decode())
+        return 0
+    settings = Settings.from_env()
+    topics = settings.input_topics
+    messages = ((topics[stream], key, value) for stream, key, value in simulator.raw_messages())
+    sent = _produce(settings, messages, total=None, rate=args.rate or None)
+    print(orjson.dumps({"events": sent}).decode())
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import orjson
+
+    from connectors.replay import read_log, stream_of
+
+    log = read_log(args.file, args.format)
+    settings = Settings.from_env()
+    topics = settings.input_topics
+    messages = ((topics[stream_of(m)], m.key or None, m.value) for m in log.messages)
+    sent = _produce(settings, messages, total=len(log.messages))
+    print(
+        orjson.dumps(
+            {"rows": log.rows, "events": sent, "rejected": dict(log.rejected)},
+            option=orjson.OPT_SORT_KEYS,
+        ).decode()
+    )
+    return 0
+
+
+def _produce(
+    settings: Settings,
+    messages: Iterator[tuple[str, bytes | None, bytes]],
+    *,
+    total: int | None,
+    rate: float | None = None,
+) -> int:
+    """Produce to Kafka with a progress bar on stderr."""
+    from connectors.kafka import produce_all
+    from streams.worker import ensure_topics
+
+    def progress(sent: int) -> None:
+        if total:
+            done = int(30 * sent / total)
+            bar = "#" * done + "." * (30 - done)
+            print(f"\r[{bar}] {sent}/{total}", end="", file=sys.stderr, flush=True)
+        else:
+            print(f"\rsent {sent}", end="", file=sys.stderr, flush=True)
+
+    async def go() -> int:
+        await ensure_topics(settings)
+        return await produce_all(
+            settings.broker_url, messages, on_progress=progress, rate_per_s=rate
+        )
+
+    sent = asyncio.run(go())
+    print(file=sys.stderr)
+    return sent
+
+
+if __name__ == "__main__":
+    sys.exit(main())

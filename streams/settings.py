@@ -1,0 +1,257 @@
+"""Settings: every knob of a Persona worker, read from ``PERSONA_*`` environment variables.
+
+One table, :data:`SETTINGS`, defines each setting once: its environment variable, type, default
+and meaning. The README's settings table is generated from it (``persona settings --markdown``)
+and a test keeps the two equal, so the documentation cannot drift from the code.
+
+>>> settings = Settings.from_env({"PERSONA_PARTITIONS": "4"})
+>>> settings.partitions, settings.topics["clickstream"]
+(4, 'clickstream')
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    env: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _store(text: str) -> str:
+    if not text.startswith(("memory://", "rocksdb://")):
+        raise ValueError("must be memory:// or rocksdb://")
+    return text
+
+
+SETTINGS: dict[str, Setting] = {
+    "broker_url": Setting(
+        "PERSONA_BROKER_URL", "kafka://localhost:9092", "Kafka bootstrap servers, Faust form"
+    ),
+    "redis_url": Setting("PERSONA_REDIS_URL", "redis://localhost:6379/0", "Redis URL"),
+    "app_id": Setting(
+        "PERSONA_APP_ID", "persona", "Faust app id: consumer group and internal topic prefix"
+    ),
+    "partitions": Setting(
+        "PERSONA_PARTITIONS", 8, "partitions of every topic Persona creates", _positive_int
+    ),
+    "replication_factor": Setting(
+        "PERSONA_REPLICATION_FACTOR", 1, "replication factor of created topics", _positive_int
+    ),
+    "topic_prefix": Setting(
+        "PERSONA_TOPIC_PREFIX", "", "prefix added to every topic name below"
+    ),
+    "topic_clickstream": Setting("PERSONA_TOPIC_CLICKSTREAM", "clickstream", "input topic"),
+    "topic_purchases": Setting("PERSONA_TOPIC_PURCHASES", "purchases", "input topic"),
+    "topic_email": Setting("PERSONA_TOPIC_EMAIL", "email-events", "input topic"),
+    "topic_identity": Setting("PERSONA_TOPIC_IDENTITY", "identity", "input topic"),
+    "topic_deadletter": Setting(
+        "PERSONA_TOPIC_DEADLETTER", "deadletter", "invalid input, with reason and source"
+    ),
+    "topic_abandoned_cart": Setting(
+        "PERSONA_TOPIC_ABANDONED_CART", "abandoned-cart", "output topic"
+    ),
+    "topic_offers": Setting("PERSONA_TOPIC_OFFERS", "offers", "output topic"),
+    "topic_segment_changes": Setting(
+        "PERSONA_TOPIC_SEGMENT_CHANGES", "segment-changes", "output topic"
+    ),
+    "topic_hot_leads": Setting("PERSONA_TOPIC_HOT_LEADS", "hot-leads", "output topic"),
+    "topic_training_examples": Setting(
+        "PERSONA_TOPIC_TRAINING_EXAMPLES", "training-examples", "internal topic"
+    ),
+    "store": Setting(
+        "PERSONA_STORE",
+        "memory://",
+        "table store: memory:// or rocksdb:// (needs the rocksdb extra)",
+        _store,
+    ),
+    "data_dir": Setting(
+        "PERSONA_DATA_DIR", ".persona", "worker data directory (table stores, embedded logs)"
+    ),
+    "web_host": Setting("PERSONA_WEB_HOST", "127.0.0.1", "bind address of /metrics"),
+    "web_port": Setting(
+        "PERSONA_WEB_PORT", 6066, "port of /metrics and the read API", _positive_int
+    ),
+    "session_timeout_s": Setting(
+        "PERSONA_SESSION_TIMEOUT_S",
+        10.0,
+        "consumer group session timeout; about 2 on the embedded broker",
+        _positive_float,
+    ),
+    "heartbeat_s": Setting(
+        "PERSONA_HEARTBEAT_S",
+        3.0,
+        "consumer heartbeat interval, below the session timeout",
+        _positive_float,
+    ),
+    "batch_size": Setting(
+        "PERSONA_BATCH_SIZE", 1000, "events processed together on the hot path", _positive_int
+    ),
+    "batch_within_s": Setting(
+        "PERSONA_BATCH_WITHIN_S",
+        0.05,
+        "longest wait to fill a batch, seconds",
+        _positive_float,
+    ),
+    "max_event_bytes": Setting(
+        "PERSONA_MAX_EVENT_BYTES", 65536, "larger messages are dead-lettered", _positive_int
+    ),
+    "max_future_s": Setting(
+        "PERSONA_MAX_FUTURE_S",
+        86400.0,
+        "events timestamped further ahead of the wall clock are dead-lettered",
+        _positive_float,
+    ),
+    "dedupe_window": Setting(
+        "PERSONA_DEDUPE_WINDOW",
+        256,
+        "message ids remembered per user for de-duplication",
+        _positive_int,
+    ),
+    "affinity_half_life_days": Setting(
+        "PERSONA_AFFINITY_HALF_LIFE_DAYS",
+        14.0,
+        "half-life of category affinity, days of event time",
+        _positive_float,
+    ),
+    "consent_default": Setting(
+        "PERSONA_CONSENT_DEFAULT",
+        "deny",
+        "consent of a user who never stated it: deny or allow",
+        _choice("deny", "allow"),
+    ),
+    "log_level": Setting(
+        "PERSONA_LOG_LEVEL", "info", "log level", _choice("debug", "info", "warning", "error")
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Resolved settings of one worker; build with :meth:`from_env`."""
+
+    broker_url: str
+    redis_url: str
+    app_id: str
+    partitions: int
+    replication_factor: int
+    topic_prefix: str
+    topic_clickstream: str
+    topic_purchases: str
+    topic_email: str
+    topic_identity: str
+    topic_deadletter: str
+    topic_abandoned_cart: str
+    topic_offers: str
+    topic_segment_changes: str
+    topic_hot_leads: str
+    topic_training_examples: str
+    store: str
+    data_dir: str
+    web_host: str
+    web_port: int
+    session_timeout_s: float
+    heartbeat_s: float
+    batch_size: int
+    batch_within_s: float
+    max_event_bytes: int
+    max_future_s: float
+    dedupe_window: int
+    affinity_half_life_days: float
+    consent_default: str
+    log_level: str
+    topics: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every setting from ``env`` (default ``os.environ``); ``overrides`` win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, setting in SETTINGS.items():
+            if name in overrides:
+                values[name] = overrides[name]
+                continue
+            raw = env.get(setting.env)
+            if raw is None or raw == "":
+                values[name] = setting.default
+                continue
+            try:
+                values[name] = setting.parse(raw)
+            except ValueError as exc:
+                reason = str(exc) if "must" in str(exc) else f"not a valid {setting.parse.__name__}"
+                raise SettingsError(f"{setting.env}={raw!r}: {reason}") from None
+        if values["heartbeat_s"] >= values["session_timeout_s"]:
+            raise SettingsError(
+                "PERSONA_HEARTBEAT_S must be below PERSONA_SESSION_TIMEOUT_S "
+                f"({values['heartbeat_s']} >= {values['session_timeout_s']})"
+            )
+        prefix = values["topic_prefix"]
+        values["topics"] = {
+            name.removeprefix("topic_"): prefix + values[name]
+            for name in SETTINGS
+            if name.startswith("topic_") and name != "topic_prefix"
+        }
+        return cls(**values)
+
+    def as_env(self) -> dict[str, str]:
+        """The environment variables that reproduce these settings in another process."""
+        return {
+            SETTINGS[f.name].env: str(getattr(self, f.name))
+            for f in fields(self)
+            if f.name in SETTINGS
+        }
+
+    @property
+    def input_topics(self) -> dict[str, str]:
+        """Input stream kind (as :func:`models.events.topic_kind` names it) → topic name."""
+        kinds = ("clickstream", "purchases", "email", "identity")
+        return {kind: self.topics[kind] for kind in kinds}
+
+    @property
+    def output_topics(self) -> dict[str, str]:
+        names = ("deadletter", "abandoned_cart", "offers", "segment_changes", "hot_leads")
+        return {kind: self.topics[kind] for kind in names}
+
+
+def settings_markdown() -> str:
+    """The README's settings table."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for setting in SETTINGS.values():
+        default = f"`{setting.default}`" if setting.default != "" else "(empty)"
+        lines.append(f"| `{setting.env}` | {default} | {setting.help} |")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Running workers: in this process (``persona worker``) or as a child process (demo, tests).
+
+A worker in a child process is exactly what production runs: the same command, configured by the
+same environment variables. The child gets its own process group and dies with its parent, so a
+demo or a test that is interrupted never leaves a worker behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from connectors.embedded import spawn, stop_process_group
+from connectors.kafka import create_topics
+from streams.settings import Settings
+
+
+def all_topics(settings: Settings) -> list[str]:
+    """Every topic Persona reads or writes, created up front with the configured partitions."""
+    return list(settings.topics.values())
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create the missing input, output, dead-letter and internal topics."""
+    return await create_topics(
+        settings.broker_url,
+        all_topics(settings),
+        partitions=settings.partitions,
+        replication_factor=settings.replication_factor,
+    )
+
+
+def run_worker(settings: Settings) -> None:
+    """Run a worker in this process until SIGTERM or Ctrl-C."""
+    import faust
+
+    from streams.app import create_app
+
+    asyncio.run(ensure_topics(settings))
+    persona = create_app(settings)
+    worker = faust.Worker(persona.app, loglevel=settings.log_level.upper(), quiet=True)
+    worker.execute_from_commandline()
+
+
+class WorkerProcess:
+    """``persona worker`` as a child process, with its log in a file."""
+
+    def __init__(self, settings: Settings, log_path: str | os.PathLike[str]) -> None:
+        self.settings = settings
+        self.log_path = Path(log_path)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Self:
+        env = {**os.environ, **self.settings.as_env()}
+        self._proc = spawn([sys.executable, "-m", "streams.cli", "worker"], self.log_path, env)
+        atexit.register(self.stop)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def metrics_url(self) -> str:
+        return f"http://{self.settings.web_host}:{self.settings.web_port}/metrics"
+
+    def scrape(self, timeout: float = 2.0) -> str | None:
+        """The worker's /metrics text, or None while it is not serving."""
+        try:
+            with urllib.request.urlopen(self.metrics_url(), timeout=timeout) as response:
+                return response.read().decode()
+        except OSError:
+            return None
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        """Wait until the worker's web port answers; raise with the log's tail if it died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise RuntimeError(f"worker exited early; last log lines:\n{self.log_tail()}")
+            if self.scrape() is not None:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not serving after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL the worker's process group: a crash, for fault tests."""
+        if self._proc and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """Graceful stop (SIGTERM, then SIGKILL after ``timeout``); returns the exit code."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        atexit.unregister(self.stop)
+        return stop_process_group(proc, timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

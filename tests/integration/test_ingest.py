@@ -1,0 +1,241 @@
+"""Integration: events through the real embedded broker into the real embedded Redis.
+
+One worker per module (its start-up costs seconds); each test uses its own users and topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from aiokafka import AIOKafkaConsumer
+
+from connectors.embedded import EmbeddedBroker, EmbeddedRedis
+from connectors.kafka import bootstrap_servers, produce_all
+from connectors.redis_cache import profile_key
+from connectors.segment import decode_dead_letter
+from streams.settings import Settings
+from streams.worker import WorkerProcess
+from tests.conftest import DATASETS, REPO, engine_settings, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def engine(
+    broker: EmbeddedBroker, redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Settings, WorkerProcess]]:
+    data_dir = tmp_path_factory.mktemp("engine")
+    settings = engine_settings(broker, redis_server, data_dir)
+    worker = WorkerProcess(settings, data_dir / "worker.log").start()
+    try:
+        worker.wait_serving()
+        yield settings, worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def event(user: str, name: str, message_id: str, ts: str, **properties: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "event": name,
+        "userId": user,
+        "messageId": message_id,
+        "timestamp": ts,
+        "properties": properties,
+        "context": {"consent": {"categoryPreferences": {"email": True, "advertising": False}}},
+    }
+
+
+def send(settings: Settings, items: list[tuple[str, bytes | None, bytes]]) -> None:
+    asyncio.run(produce_all(settings.broker_url, items))
+
+
+def clickstream(settings: Settings, payload: dict[str, Any]) -> tuple[str, bytes, bytes]:
+    from connectors.segment import partition_key, route
+
+    return (settings.input_topics[route(payload)], partition_key(payload), orjson.dumps(payload))
+
+
+def profile(client: redis.Redis, user: str) -> dict[str, str]:
+    return client.hgetall(profile_key(user))
+
+
+def test_events_become_profile_values_in_redis(engine, redis_client) -> None:
+    settings, _ = engine
+    user = "it-alice"
+    events = [
+        event(user, "Product Viewed", "a1", "2024-03-01T10:00:00Z", product_id="p1", price=20.0,
+              category="shoes"),
+        event(user, "Product Added", "a2", "2024-03-01T10:01:00Z", product_id="p1", price=20.0,
+              quantity=2, category="shoes"),
+        event(user, "Product Added", "a3", "2024-03-01T10:02:00Z", product_id="p2", price=5.5,
+              category="socks"),
+        event(user, "Order Completed", "a4", "2024-03-01T10:05:00Z", order_id="o1",
+              revenue=45.5, products=[{"product_id": "p1", "price": 20.0, "quantity": 2},
+                                      {"product_id": "p2", "price": 5.5, "quantity": 1}]),
+        event(user, "Product Added", "a5", "2024-03-02T09:00:00Z", product_id="p3", price=12.25,
+              category="hats"),
+    ]
+    send(settings, [clickstream(settings, e) for e in events])
+    wait_until(lambda: profile(redis_client, user).get("events") == "5", what="5 events in Redis")
+    got = profile(redis_client, user)
+    assert got["orders"] == "1"
+    assert float(got["revenue"]) == pytest.approx(45.5)
+    assert got["cart_items"] == "1"
+    assert float(got["cart_value"]) == pytest.approx(12.25)
+    assert got["consent_email"] == "1"
+    assert got["consent_advertising"] == "0"
+    assert got["updated_at"].startswith("2024-03-02T09:00:00")
+
+
+def test_same_event_twice_counts_once(engine, redis_client) -> None:
+    settings, _ = engine
+    user = "it-bob"
+    order = event(user, "Order Completed", "b1", "2024-03-01T10:05:00Z", order_id="o9",
+                  revenue=100.0)
+    marker = event(user, "Product Viewed", "b2", "2024-03-01T11:00:00Z", product_id="p1")
+    # the duplicate arrives in a later batch too, after the worker has written the profile
+    send(settings, [clickstream(settings, order), clickstream(settings, order)])
+    wait_until(lambda: profile(redis_client, user).get("orders") == "1", what="bob's order")
+    send(settings, [clickstream(settings, order), clickstream(settings, marker)])
+    wait_until(lambda: profile(redis_client, user).get("events") == "2", what="bob's 2nd event")
+    got = profile(redis_client, user)
+    assert got["orders"] == "1"
+    assert float(got["revenue"]) == pytest.approx(100.0)
+
+
+def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 30.0) -> list[Any]:
+    async def consume() -> list[Any]:
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap_servers(settings.broker_url),
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        records: list[Any] = []
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while len(records) < expected and loop.time() < deadline:
+                batch = await consumer.getmany(timeout_ms=500)
+                for messages in batch.values():
+                    records.extend(messages)
+        finally:
+            await consumer.stop()
+        return records
+
+    return asyncio.run(consume())
+
+
+def test_malformed_messages_are_dead_lettered_and_the_worker_keeps_going(
+    engine, redis_client
+) -> None:
+    settings, worker = engine
+    user = "it-carol"
+    bad: list[tuple[bytes, str]] = [
+        (b"not json at all", "not_json"),
+        (b"\xff\xfe\x00garbage", "invalid_utf8"),
+        (orjson.dumps(event(user, "Product Added", "", "2024-03-01T10:00:00Z")),
+         "missing_message_id"),
+        (orjson.dumps(event(user, "Product Added", "c-neg", "2024-03-01T10:00:00Z", price=-3)),
+         "negative_value"),
+        (orjson.dumps(event(user, "Product Added", "c-ts", "yesterday-ish")), "bad_timestamp"),
+        (orjson.dumps(event(user, "Product Added", "c-old", "1970-01-02T00:00:00Z")),
+         "timestamp_out_of_range"),
+        (orjson.dumps({**event(user, "x", "c-type", "2024-03-01T10:00:00Z"), "type": "shout"}),
+         "unknown_type"),
+        (b'{"type": "track", "event": "Product Viewed", "messageId": "c-nouser", '
+         b'"timestamp": "2024-03-01T10:00:00Z"}', "missing_user_id"),
+        (b"[" * 5000 + b"]" * 5000, "too_deep"),
+        (b'{"pad": "' + b"x" * 70_000 + b'"}', "too_large"),
+    ]
+    good = event(user, "Product Viewed", "c-good", "2024-03-01T12:00:00Z", product_id="p1")
+    topic = settings.input_topics["clickstream"]
+    items = [(topic, user.encode(), raw) for raw, _ in bad]
+    items.insert(5, clickstream(settings, good))
+    send(settings, items)
+
+    records = read_topic(settings, settings.topics["deadletter"], expected=len(bad))
+    assert len(records) == len(bad), f"expected {len(bad)} dead letters, got {len(records)}"
+    decoded = [decode_dead_letter(r.value) for r in records]
+    assert sorted(meta["reason"] for _, meta in decoded) == sorted(r for _, r in bad)
+    originals = {raw for raw, _ in decoded}
+    assert originals == {raw for raw, _ in bad}, "dead letters must keep the original bytes"
+    for _, meta in decoded:
+        assert meta["source"]["topic"] == topic
+        assert meta["source"]["offset"] >= 0
+    wait_until(lambda: profile(redis_client, user).get("events") == "1", what="carol's good event")
+    assert worker.running
+
+
+def rees46_expected(path: Path) -> dict[str, dict[str, float]]:
+    """Per-user counts and revenue computed from the raw CSV, independently of the adapter."""
+    expected: dict[str, dict[str, float]] = defaultdict(lambda: {"events": 0, "orders": 0,
+                                                                 "revenue": 0.0})
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            user = expected[row["user_id"]]
+            user["events"] += 1
+            if row["event_type"] == "purchase":
+                user["orders"] += 1
+                user["revenue"] += float(row["price"])
+    return dict(expected)
+
+
+def test_rees46_replay_gives_profiles_equal_to_an_independent_count(
+    broker, redis_server, tmp_path, start_worker
+) -> None:
+    path = DATASETS / "clickstream_samples" / "rees46_2019-Oct_first1000.csv"
+    if not path.exists():
+        pytest.skip(f"dataset missing: {path}")
+    expected = rees46_expected(path)
+    own_database = redis_server.url.rsplit("/", 1)[0] + "/1"
+    settings = engine_settings(broker, redis_server, tmp_path, redis_url=own_database)
+    start_worker(settings)
+    replay = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "replay", str(path), "--format", "rees46"],
+        env={**settings.as_env(), "PATH": "/usr/bin:/bin"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert replay.returncode == 0, replay.stderr
+    summary = orjson.loads(replay.stdout.strip().splitlines()[-1])
+    assert summary["events"] == 1000
+
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        def all_written() -> bool:
+            return sum(int(client.hget(profile_key(u), "events") or 0) for u in expected) == 1000
+
+        wait_until(all_written, timeout=60, what="all 1000 REES46 events in Redis profiles")
+        mismatches = Counter()
+        for user, want in expected.items():
+            got = client.hgetall(profile_key(user))
+            if int(got["events"]) != want["events"] or int(got["orders"]) != want["orders"]:
+                mismatches["counts"] += 1
+            if abs(float(got["revenue"]) - want["revenue"]) > 0.005:
+                mismatches["revenue"] += 1
+        assert not mismatches, f"profiles differ from the CSV for {dict(mismatches)} users"
+        assert sum(1 for _ in client.scan_iter(match="persona:profile:*")) == len(expected)
+    finally:
+        client.close()
