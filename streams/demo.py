@@ -69,7 +69,9 @@ class EngineStats:
         return stats
 
 
-def demo_settings(broker: EmbeddedBroker, redis: EmbeddedRedis, data_dir: Path, **kw: Any) -> Settings:
+def demo_settings(
+    broker: EmbeddedBroker, redis: EmbeddedRedis, data_dir: Path, **kw: Any
+) -> Settings:
     """Settings of the demo's worker: embedded servers and short group timeouts."""
     return Settings.from_env(
         {},
@@ -116,7 +118,9 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _drive(args: argparse.Namespace, settings: Settings, worker: WorkerProcess) -> dict[str, Any]:
+async def _drive(
+    args: argparse.Namespace, settings: Settings, worker: WorkerProcess
+) -> dict[str, Any]:
     """Produce the simulated shoppers for ``--duration`` seconds while drawing the live view."""
     simulator = ShopperSimulator(args.users, args.seed, invalid_rate=args.invalid_rate)
     topics = settings.input_topics
@@ -130,7 +134,9 @@ async def _drive(args: argparse.Namespace, settings: Settings, worker: WorkerPro
 
     started = time.monotonic()
     producer = asyncio.create_task(
-        produce_all(settings.broker_url, messages, on_progress=on_progress, rate_per_s=args.rate or None)
+        produce_all(
+            settings.broker_url, messages, on_progress=on_progress, rate_per_s=args.rate or None
+        )
     )
     view = LiveView(sys.stdout)
     first_consumed_at: float | None = None
@@ -195,10 +201,10 @@ class LiveView:
         rate = (stats.consumed - consumed_then) / max(elapsed - then, 1e-9)
         self.previous = (elapsed, stats.consumed)
         lines = [
-            f"t={elapsed:5.1f}s/{duration:.0f}s  produced {produced:>8}  consumed {stats.consumed:>8}"
-            f"  {rate:8.0f} events/s",
-            f"  ok {stats.ok:>8}  duplicates {stats.duplicates:>6}  dead letters {stats.deadletter:>6}"
-            f"  profiles in redis {profiles:>7}",
+            f"t={elapsed:5.1f}s/{duration:.0f}s  produced {produced:>8}"
+            f"  consumed {stats.consumed:>8}  {rate:8.0f} events/s",
+            f"  ok {stats.ok:>8}  duplicates {stats.duplicates:>6}"
+            f"  dead letters {stats.deadletter:>6}  profiles in redis {profiles:>7}",
             f"  segments {_fmt(stats.segments)}",
             f"  triggers {_fmt(stats.triggers)}",
         ]

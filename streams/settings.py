@@ -73,9 +73,7 @@ SETTINGS: dict[str, Setting] = {
     "replication_factor": Setting(
         "PERSONA_REPLICATION_FACTOR", 1, "replication factor of created topics", _positive_int
     ),
-    "topic_prefix": Setting(
-        "PERSONA_TOPIC_PREFIX", "", "prefix added to every topic name below"
-    ),
+    "topic_prefix": Setting("PERSONA_TOPIC_PREFIX", "", "prefix added to every topic name below"),
     "topic_clickstream": Setting("PERSONA_TOPIC_CLICKSTREAM", "clickstream", "input topic"),
     "topic_purchases": Setting("PERSONA_TOPIC_PURCHASES", "purchases", "input topic"),
     "topic_email": Setting("PERSONA_TOPIC_EMAIL", "email-events", "input topic"),

@@ -81,17 +81,55 @@ def test_events_become_profile_values_in_redis(engine, redis_client) -> None:
     settings, _ = engine
     user = "it-alice"
     events = [
-        event(user, "Product Viewed", "a1", "2024-03-01T10:00:00Z", product_id="p1", price=20.0,
-              category="shoes"),
-        event(user, "Product Added", "a2", "2024-03-01T10:01:00Z", product_id="p1", price=20.0,
-              quantity=2, category="shoes"),
-        event(user, "Product Added", "a3", "2024-03-01T10:02:00Z", product_id="p2", price=5.5,
-              category="socks"),
-        event(user, "Order Completed", "a4", "2024-03-01T10:05:00Z", order_id="o1",
-              revenue=45.5, products=[{"product_id": "p1", "price": 20.0, "quantity": 2},
-                                      {"product_id": "p2", "price": 5.5, "quantity": 1}]),
-        event(user, "Product Added", "a5", "2024-03-02T09:00:00Z", product_id="p3", price=12.25,
-              category="hats"),
+        event(
+            user,
+            "Product Viewed",
+            "a1",
+            "2024-03-01T10:00:00Z",
+            product_id="p1",
+            price=20.0,
+            category="shoes",
+        ),
+        event(
+            user,
+            "Product Added",
+            "a2",
+            "2024-03-01T10:01:00Z",
+            product_id="p1",
+            price=20.0,
+            quantity=2,
+            category="shoes",
+        ),
+        event(
+            user,
+            "Product Added",
+            "a3",
+            "2024-03-01T10:02:00Z",
+            product_id="p2",
+            price=5.5,
+            category="socks",
+        ),
+        event(
+            user,
+            "Order Completed",
+            "a4",
+            "2024-03-01T10:05:00Z",
+            order_id="o1",
+            revenue=45.5,
+            products=[
+                {"product_id": "p1", "price": 20.0, "quantity": 2},
+                {"product_id": "p2", "price": 5.5, "quantity": 1},
+            ],
+        ),
+        event(
+            user,
+            "Product Added",
+            "a5",
+            "2024-03-02T09:00:00Z",
+            product_id="p3",
+            price=12.25,
+            category="hats",
+        ),
     ]
     send(settings, [clickstream(settings, e) for e in events])
     wait_until(lambda: profile(redis_client, user).get("events") == "5", what="5 events in Redis")
@@ -108,8 +146,9 @@ def test_events_become_profile_values_in_redis(engine, redis_client) -> None:
 def test_same_event_twice_counts_once(engine, redis_client) -> None:
     settings, _ = engine
     user = "it-bob"
-    order = event(user, "Order Completed", "b1", "2024-03-01T10:05:00Z", order_id="o9",
-                  revenue=100.0)
+    order = event(
+        user, "Order Completed", "b1", "2024-03-01T10:05:00Z", order_id="o9", revenue=100.0
+    )
     marker = event(user, "Product Viewed", "b2", "2024-03-01T11:00:00Z", product_id="p1")
     # the duplicate arrives in a later batch too, after the worker has written the profile
     send(settings, [clickstream(settings, order), clickstream(settings, order)])
@@ -153,17 +192,28 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_keeps_going(
     bad: list[tuple[bytes, str]] = [
         (b"not json at all", "not_json"),
         (b"\xff\xfe\x00garbage", "invalid_utf8"),
-        (orjson.dumps(event(user, "Product Added", "", "2024-03-01T10:00:00Z")),
-         "missing_message_id"),
-        (orjson.dumps(event(user, "Product Added", "c-neg", "2024-03-01T10:00:00Z", price=-3)),
-         "negative_value"),
+        (
+            orjson.dumps(event(user, "Product Added", "", "2024-03-01T10:00:00Z")),
+            "missing_message_id",
+        ),
+        (
+            orjson.dumps(event(user, "Product Added", "c-neg", "2024-03-01T10:00:00Z", price=-3)),
+            "negative_value",
+        ),
         (orjson.dumps(event(user, "Product Added", "c-ts", "yesterday-ish")), "bad_timestamp"),
-        (orjson.dumps(event(user, "Product Added", "c-old", "1970-01-02T00:00:00Z")),
-         "timestamp_out_of_range"),
-        (orjson.dumps({**event(user, "x", "c-type", "2024-03-01T10:00:00Z"), "type": "shout"}),
-         "unknown_type"),
-        (b'{"type": "track", "event": "Product Viewed", "messageId": "c-nouser", '
-         b'"timestamp": "2024-03-01T10:00:00Z"}', "missing_user_id"),
+        (
+            orjson.dumps(event(user, "Product Added", "c-old", "1970-01-02T00:00:00Z")),
+            "timestamp_out_of_range",
+        ),
+        (
+            orjson.dumps({**event(user, "x", "c-type", "2024-03-01T10:00:00Z"), "type": "shout"}),
+            "unknown_type",
+        ),
+        (
+            b'{"type": "track", "event": "Product Viewed", "messageId": "c-nouser", '
+            b'"timestamp": "2024-03-01T10:00:00Z"}',
+            "missing_user_id",
+        ),
         (b"[" * 5000 + b"]" * 5000, "too_deep"),
         (b'{"pad": "' + b"x" * 70_000 + b'"}', "too_large"),
     ]
@@ -188,8 +238,9 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_keeps_going(
 
 def rees46_expected(path: Path) -> dict[str, dict[str, float]]:
     """Per-user counts and revenue computed from the raw CSV, independently of the adapter."""
-    expected: dict[str, dict[str, float]] = defaultdict(lambda: {"events": 0, "orders": 0,
-                                                                 "revenue": 0.0})
+    expected: dict[str, dict[str, float]] = defaultdict(
+        lambda: {"events": 0, "orders": 0, "revenue": 0.0}
+    )
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             user = expected[row["user_id"]]
@@ -224,6 +275,7 @@ def test_rees46_replay_gives_profiles_equal_to_an_independent_count(
 
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
+
         def all_written() -> bool:
             return sum(int(client.hget(profile_key(u), "events") or 0) for u in expected) == 1000
 
