@@ -25,6 +25,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "persona:profile:"
+LEADS_KEY = "persona:leads"
+"""Sorted set of user ids by lead score: "top N leads now"."""
+SEGMENT_SIZES_KEY = "persona:segment-sizes"
+"""Hash of ``<partition>/<segment>`` → users: each partition's owner writes absolute counts."""
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -56,9 +60,19 @@ class ProfileCache:
         self.write_errors = 0
         self.last_write_s = 0.0
 
-    async def write_profiles(self, summaries: Mapping[str, Mapping[str, str]]) -> None:
-        """Upsert each user's summary hash in one pipeline; retry until Redis takes it."""
-        if not summaries:
+    async def write_profiles(
+        self,
+        summaries: Mapping[str, Mapping[str, str]],
+        *,
+        lead_scores: Mapping[str, float] | None = None,
+        segment_sizes: Mapping[str, int] | None = None,
+    ) -> None:
+        """Upsert summaries, lead scores and segment sizes in one pipeline; retry until taken.
+
+        Every write is absolute (HSET, ZADD, HSET of counts), never an increment, so writing the
+        same batch twice after a crash leaves Redis as writing it once.
+        """
+        if not summaries and not lead_scores and not segment_sizes:
             return
         backoff = 0.05
         while True:
@@ -67,6 +81,10 @@ class ProfileCache:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for user_id, summary in summaries.items():
                         pipe.hset(profile_key(user_id), mapping=dict(summary))
+                    if lead_scores:
+                        pipe.zadd(LEADS_KEY, dict(lead_scores))
+                    if segment_sizes:
+                        pipe.hset(SEGMENT_SIZES_KEY, mapping=dict(segment_sizes))
                     await pipe.execute()
             except RETRYABLE as exc:
                 self.write_errors += 1
@@ -86,6 +104,19 @@ class ProfileCache:
         """The user's profile hash, decoded; empty when unknown."""
         raw = await self.client.hgetall(profile_key(user_id))
         return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def top_leads(self, limit: int) -> list[tuple[str, float]]:
+        """The ``limit`` users with the highest lead score, best first."""
+        rows = await self.client.zrevrange(LEADS_KEY, 0, limit - 1, withscores=True)
+        return [(member.decode(), float(score)) for member, score in rows]
+
+    async def segment_sizes(self) -> dict[str, int]:
+        """Users per segment, summed over partitions."""
+        sizes: dict[str, int] = {}
+        for field, value in (await self.client.hgetall(SEGMENT_SIZES_KEY)).items():
+            segment = field.decode().split("/", 1)[-1]
+            sizes[segment] = sizes.get(segment, 0) + int(value)
+        return sizes
 
     async def count_profiles(self) -> int:
         """Number of profile hashes (SCAN: cluster- and production-safe, no KEYS)."""

@@ -27,8 +27,9 @@ from faust.types import EventT
 from connectors.redis_cache import ProfileCache
 from connectors.segment import dead_letter_record
 from models.features import summary
+from streams.api import add_routes
 from streams.ingest import Record, ingest_batch
-from streams.metrics import CONTENT_TYPE_LATEST, Metrics
+from streams.metrics import Metrics
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,13 +103,7 @@ def create_app(settings: Settings) -> Persona:
         async for events in stream.take_events(settings.batch_size, settings.batch_within_s):
             await process_batch(persona, deadletter, events)
 
-    @app.page("/metrics")
-    async def prometheus_metrics(web: Any, request: Any) -> Any:
-        return web.bytes(metrics.exposition(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
-
-    @app.page("/healthz")
-    async def healthz(web: Any, request: Any) -> Any:
-        return web.json({"status": "ok"})
+    add_routes(app, cache=cache, metrics=metrics, segment_definitions=list)
 
     @app.service
     class RedisCloser(faust.Service):  # type: ignore[misc]

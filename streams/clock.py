@@ -1,0 +1,109 @@
+"""Event time per partition: watermarks and the timer index that runs on them.
+
+Every deadline in Persona (cart abandonment, label horizons, attribution windows) is a point in
+event time, checked against the partition's *watermark*: the largest event time seen on that
+partition, less an allowed lateness. Replaying a log therefore gives the same triggers whatever
+the replay speed. In live mode a partition that receives no events still moves on: after
+``idle_after_s`` of wall-clock silence, ticks advance its watermark with the wall clock, so a quiet
+shop still gets its abandoned-cart emails.
+
+Deadlines themselves live in the profiles (changelog-backed), so they survive restarts and
+rebalances; :class:`TimerIndex` is only an in-memory heap over them, rebuilt from the table when a
+partition is (re)assigned, and checked lazily: an entry is a hint to look at the profile again,
+not a promise.
+
+>>> clocks = PartitionClocks(lateness_s=60.0)
+>>> clocks.observe(0, event_ts=1_000.0, wall_now=50_000.0)
+>>> clocks.watermark(0)
+940.0
+>>> timers = TimerIndex()
+>>> timers.schedule(0, due=900.0, user_id="u1")
+>>> timers.schedule(0, due=2_000.0, user_id="u2")
+>>> timers.pop_due(0, clocks.watermark(0))
+['u1']
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+
+class PartitionClocks:
+    """Watermark per partition, from event time and, in live mode, from idle wall-clock ticks."""
+
+    def __init__(
+        self, *, lateness_s: float = 0.0, idle_after_s: float = 5.0, live: bool = False
+    ) -> None:
+        self.lateness_s = lateness_s
+        self.idle_after_s = idle_after_s
+        self.live = live
+        self._watermark: dict[int, float] = {}
+        self._last_event_wall: dict[int, float] = {}
+
+    def watermark(self, partition: int) -> float:
+        """The partition's watermark; ``-inf`` before its first event."""
+        return self._watermark.get(partition, -math.inf)
+
+    def restore(self, partition: int, watermark: float) -> None:
+        """Start from a persisted watermark (after a restart); never moves it back."""
+        if watermark > self.watermark(partition):
+            self._watermark[partition] = watermark
+
+    def observe(self, partition: int, event_ts: float, wall_now: float) -> None:
+        """An event with time ``event_ts`` arrived on ``partition``."""
+        candidate = event_ts - self.lateness_s
+        if candidate > self.watermark(partition):
+            self._watermark[partition] = candidate
+        self._last_event_wall[partition] = wall_now
+
+    def tick(self, partition: int, wall_now: float) -> bool:
+        """A wall-clock tick; in live mode, advances an idle partition. True if it moved."""
+        if not self.live:
+            return False
+        last = self._last_event_wall.get(partition, -math.inf)
+        if wall_now - last < self.idle_after_s:
+            return False
+        candidate = wall_now - self.lateness_s
+        if candidate > self.watermark(partition):
+            self._watermark[partition] = candidate
+            return True
+        return False
+
+    def forget(self, partition: int) -> None:
+        """The partition moved to another worker."""
+        self._watermark.pop(partition, None)
+        self._last_event_wall.pop(partition, None)
+
+
+class TimerIndex:
+    """Min-heaps of (due, user id) per partition: which profiles to look at when time passes."""
+
+    def __init__(self) -> None:
+        self._heaps: dict[int, list[tuple[float, str]]] = {}
+
+    def has(self, partition: int) -> bool:
+        """True once the partition's index was built (or started) on this worker."""
+        return partition in self._heaps
+
+    def start(self, partition: int) -> None:
+        self._heaps.setdefault(partition, [])
+
+    def schedule(self, partition: int, due: float, user_id: str) -> None:
+        heapq.heappush(self._heaps.setdefault(partition, []), (due, user_id))
+
+    def pop_due(self, partition: int, watermark: float) -> list[str]:
+        """Users with an entry due at or before ``watermark``, each once, earliest first."""
+        heap = self._heaps.get(partition)
+        if not heap:
+            return []
+        due_users: dict[str, None] = {}
+        while heap and heap[0][0] <= watermark:
+            due_users[heapq.heappop(heap)[1]] = None
+        return list(due_users)
+
+    def forget(self, partition: int) -> None:
+        self._heaps.pop(partition, None)
+
+    def __len__(self) -> int:
+        return sum(len(heap) for heap in self._heaps.values())
