@@ -45,10 +45,16 @@ def run_worker(settings: Settings) -> None:
     import faust
 
     from streams.app import create_app
+    from streams.logs import logging_config
 
     asyncio.run(ensure_topics(settings))
     persona = create_app(settings)
-    worker = faust.Worker(persona.app, loglevel=settings.log_level.upper(), quiet=True)
+    worker = faust.Worker(
+        persona.app,
+        loglevel=settings.log_level.upper(),
+        logging_config=logging_config(settings.log_level),
+        quiet=True,
+    )
     worker.execute_from_commandline()
 
 
