@@ -77,9 +77,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from models.events import (
@@ -94,7 +92,6 @@ from models.features import has_consent
 __all__ = [
     "CAPPED",
     "CART_ACTIVITY",
-    "DEFAULT_CONFIG_PATH",
     "ERASED",
     "HOT_ENTERED",
     "HOT_LEFT",
@@ -109,7 +106,6 @@ __all__ = [
     "fire_due",
     "hot_lead_transition",
     "idempotency_key",
-    "load_config",
     "new_state",
     "offer_changed",
     "on_event",
@@ -130,7 +126,6 @@ SUPPRESSION_REASONS: tuple[str, ...] = (ERASED, UNSUBSCRIBED, NO_CONSENT, CAPPED
 HOT_ENTERED = "entered"
 HOT_LEFT = "left"
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "config" / "triggers.toml"
 
 _MINUTE = 60.0
 _HOUR = 3600.0
@@ -449,25 +444,25 @@ class TriggerConfig:
         if not 0.0 <= self.hot_exit <= self.hot_enter <= 1.0:
             raise ValueError("hot_lead needs 0 <= exit <= enter <= 1")
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TriggerConfig:
+        """From the ``[triggers]`` section of the configuration (``models.config``).
 
-def load_config(path: str | Path | None = None) -> TriggerConfig:
-    """Read a triggers TOML file (default :data:`DEFAULT_CONFIG_PATH`). Missing keys keep defaults.
-
-    >>> load_config().abandon_after_minutes
-    30.0
-    """
-    with Path(path or DEFAULT_CONFIG_PATH).open("rb") as stream:
-        data = tomllib.load(stream)
-    cart = data.get("abandoned_cart", {})
-    hot = data.get("hot_lead", {})
-    offer = data.get("offer", {})
-    defaults = TriggerConfig()
-    return TriggerConfig(
-        abandon_after_minutes=float(
-            cart.get("abandon_after_minutes", defaults.abandon_after_minutes)
-        ),
-        cap_hours=float(cart.get("cap_hours", defaults.cap_hours)),
-        hot_enter=float(hot.get("enter", defaults.hot_enter)),
-        hot_exit=float(hot.get("exit", defaults.hot_exit)),
-        offer_refresh_hours=float(offer.get("refresh_hours", defaults.offer_refresh_hours)),
-    )
+        >>> from models.config import load_config
+        >>> TriggerConfig.from_config(load_config(None)).abandon_after_minutes
+        30.0
+        """
+        section = config.get("triggers", {})
+        cart = section.get("abandoned_cart", {})
+        hot = section.get("hot_lead", {})
+        offer = section.get("offer", {})
+        defaults = cls()
+        return cls(
+            abandon_after_minutes=float(
+                cart.get("abandon_after_minutes", defaults.abandon_after_minutes)
+            ),
+            cap_hours=float(cart.get("cap_hours", defaults.cap_hours)),
+            hot_enter=float(hot.get("enter", defaults.hot_enter)),
+            hot_exit=float(hot.get("exit", defaults.hot_exit)),
+            offer_refresh_hours=float(offer.get("refresh_hours", defaults.offer_refresh_hours)),
+        )

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from models.config import load_config
 from models.events import (
     CART_VIEWED,
     CHECKOUT_STARTED,
@@ -35,7 +36,6 @@ from models.triggers import (
     fire_due,
     hot_lead_transition,
     idempotency_key,
-    load_config,
     new_state,
     offer_changed,
     on_event,
@@ -528,15 +528,17 @@ def test_offer_changed_on_change_or_refresh() -> None:
 
 
 def test_default_config_file_matches_defaults() -> None:
-    assert load_config() == TriggerConfig()
+    assert TriggerConfig.from_config(load_config(None)) == TriggerConfig()
 
 
 def test_custom_config(tmp_path: Path) -> None:
     path = tmp_path / "t.toml"
-    path.write_text("[abandoned_cart]\nabandon_after_minutes = 45\n[hot_lead]\nexit = 0.5\n")
-    config = load_config(path)
+    path.write_text(
+        "[triggers.abandoned_cart]\nabandon_after_minutes = 45\n[triggers.hot_lead]\nexit = 0.5\n"
+    )
+    config = TriggerConfig.from_config(load_config(path))
     assert config.abandon_after_minutes == 45.0 and config.hot_exit == 0.5
     assert config.cap_hours == 24.0
-    path.write_text("[hot_lead]\nenter = 0.5\nexit = 0.6\n")
+    path.write_text("[triggers.hot_lead]\nenter = 0.5\nexit = 0.6\n")
     with pytest.raises(ValueError):
-        load_config(path)
+        TriggerConfig.from_config(load_config(path))
