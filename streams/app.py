@@ -1,22 +1,31 @@
-"""The Faust app: topics, the profiles table, the ingest agent and the web views.
+"""The Faust app: topics, the profiles table, the ingest agent, ticks and the web views.
 
-One agent consumes the four input topics together, in batches (``take_events``: the batch is
-acknowledged only after it is fully processed, so a crash re-delivers it, and de-duplication makes
-the replay harmless). Per batch it parses and folds events into profiles (``streams.ingest``),
-sends rejects to the dead-letter topic, writes each changed profile once to the changelog-backed
-table and once to Redis in a single pipeline.
+One agent consumes the four input topics (and the internal ticks topic) together, in batches
+(``take_events``: a batch is acknowledged only after it is fully processed, so a crash
+re-delivers it and de-duplication makes the replay harmless). Per batch it
 
-Build it with :func:`create_app`; ``persona worker`` runs it.
+1. parses and folds events into profiles (``streams.ingest``), rejects to the dead-letter topic,
+2. scores the changed profiles on this worker's model replicas (``streams.engine``),
+3. advances each partition's event-time watermark and fires what became due (abandoned carts),
+4. writes each changed profile once to the changelog-backed table and once to Redis (one
+   pipeline), and sends the trigger messages.
+
+Ticks are small messages this worker sends to the partitions it owns every
+``PERSONA_TICK_INTERVAL_S``: they run the timers of an idle partition inside the stream, where
+table writes land in the right changelog partition, and in live mode advance its watermark with
+the wall clock. Build the app with :func:`create_app`; ``persona worker`` runs it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import weakref
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
@@ -26,13 +35,19 @@ from faust.types import EventT
 
 from connectors.redis_cache import ProfileCache
 from connectors.segment import dead_letter_record
-from models.features import summary
+from models.config import load_config
 from streams.api import add_routes
+from streams.clock import PartitionClocks, TimerIndex
+from streams.engine import TRIGGER_KIND, TRIGGERS_KEY, Engine, Outputs, now_for
 from streams.ingest import Record, ingest_batch
 from streams.metrics import Metrics
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
+
+WATERMARK_KEY_PREFIX = b"\x00watermark/"
+"""Table keys holding each partition's watermark (never a user id: ids are printable)."""
+PARTITION_FIELD = "partition"
 
 
 @dataclass(slots=True)
@@ -43,13 +58,18 @@ class Persona:
     settings: Settings
     metrics: Metrics
     cache: ProfileCache
+    engine: Engine
     profiles: Any  # faust Table[bytes, bytes]
-    watermark: float = 0.0
-    """Largest event time this worker has seen: the "now" of profile summaries."""
+    topics: dict[str, faust.TopicT]
+    clocks: PartitionClocks
+    timers: TimerIndex = field(default_factory=TimerIndex)
+    segment_counts: dict[int, Counter[str]] = field(default_factory=dict)
+    """Users per segment, per partition owned here (absolute counts written to Redis)."""
+    saved_watermarks: dict[int, float] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
-def _as_current_event(event: EventT) -> Iterator[None]:
+def as_current_event(event: EventT) -> Iterator[None]:
     """Make ``event`` Faust's current event, so table writes go to its partition.
 
     Faust picks the changelog partition (and the RocksDB partition store) of a table write from
@@ -81,29 +101,60 @@ def create_app(settings: Settings) -> Persona:
         autodiscover=False,
         stream_wait_empty=False,
     )
+    config = load_config(settings.config_path or None)
+    engine = Engine(config, consent_default=settings.consent_default == "allow")
     metrics = Metrics()
     cache = ProfileCache(settings.redis_url)
     profiles = app.Table(
         "profiles", partitions=settings.partitions, key_type=bytes, value_type=bytes
     )
-    persona = Persona(app, settings, metrics, cache, profiles)
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    ticks_name = f"{settings.app_id}-ticks"
+    topics = {kind: app.topic(name, **raw) for kind, name in settings.topics.items()}
+    topics["ticks"] = app.topic(ticks_name, partitions=settings.partitions, internal=True, **raw)
+    persona = Persona(
+        app,
+        settings,
+        metrics,
+        cache,
+        engine,
+        profiles,
+        topics,
+        PartitionClocks(
+            lateness_s=settings.allowed_lateness_s,
+            idle_after_s=settings.idle_after_s,
+            live=settings.live_clock,
+        ),
+    )
 
     inputs = app.topic(
-        *settings.input_topics.values(),
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-    )
-    deadletter = app.topic(
-        settings.topics["deadletter"], key_serializer="raw", value_serializer="raw"
+        *settings.input_topics.values(), ticks_name, partitions=settings.partitions, **raw
     )
 
     @app.agent(inputs, name="ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
         async for events in stream.take_events(settings.batch_size, settings.batch_within_s):
-            await process_batch(persona, deadletter, events)
+            await process_batch(persona, events)
 
-    add_routes(app, cache=cache, metrics=metrics, segment_definitions=list)
+    @app.timer(settings.tick_interval_s)
+    async def tick_owned_partitions() -> None:
+        """Wake every owned partition, so its timers run even when no event arrives."""
+        first_input = settings.input_topics["clickstream"]
+        owned = [tp.partition for tp in app.consumer.assignment() if tp.topic == first_input]
+        value = orjson.dumps({"wall": time.time()})
+        for partition in owned:
+            await topics["ticks"].send(value=value, partition=partition)
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
+        """A partition that moves away is rebuilt from the table if it ever comes back."""
+        for tp in revoked:
+            persona.timers.forget(tp.partition)
+            persona.clocks.forget(tp.partition)
+            persona.segment_counts.pop(tp.partition, None)
+            persona.saved_watermarks.pop(tp.partition, None)
+
+    add_routes(app, cache=cache, metrics=metrics, segment_definitions=engine.segmenter.definitions)
 
     @app.service
     class RedisCloser(faust.Service):  # type: ignore[misc]
@@ -113,31 +164,107 @@ def create_app(settings: Settings) -> Persona:
     return persona
 
 
-async def process_batch(persona: Persona, deadletter: faust.TopicT, events: list[EventT]) -> None:
-    """Ingest one batch of Faust events end to end: table, Redis, dead letters, metrics."""
-    started = time.perf_counter()
-    settings, metrics, profiles = persona.settings, persona.metrics, persona.profiles
-    records = [
-        Record(e.message.topic, e.message.partition, e.message.offset, e.key, e.value)
-        for e in events
-    ]
+def _load(persona: Persona, user_id: str) -> dict[str, Any] | None:
+    raw = persona.profiles.get(user_id.encode())
+    return orjson.loads(raw) if raw else None
 
-    def load(user_id: str) -> dict[str, Any] | None:
-        raw = profiles.get(user_id.encode())
-        return orjson.loads(raw) if raw else None
+
+def _index_partition(persona: Persona, partition: int) -> None:
+    """Rebuild this partition's timers and segment counts from the table (after assignment)."""
+    persona.timers.start(partition)
+    counts: Counter[str] = Counter()
+    for key, raw in persona.profiles.items():
+        if key.startswith(WATERMARK_KEY_PREFIX):
+            if int(key[len(WATERMARK_KEY_PREFIX) :]) == partition:
+                persona.clocks.restore(partition, float(raw))
+            continue
+        profile = orjson.loads(raw)
+        if profile.get(PARTITION_FIELD) != partition:
+            continue
+        due = persona.engine.next_due(profile)
+        if due is not None:
+            persona.timers.schedule(partition, due, profile["user_id"])
+        segment = (profile.get(TRIGGERS_KEY) or {}).get("segment")
+        if segment:
+            counts[segment] += 1
+    persona.segment_counts[partition] = counts
+
+
+async def process_batch(persona: Persona, events: list[EventT]) -> None:
+    """Ingest one batch of Faust events end to end: table, Redis, triggers, metrics."""
+    started = time.perf_counter()
+    settings, metrics, engine, clocks = (
+        persona.settings,
+        persona.metrics,
+        persona.engine,
+        persona.clocks,
+    )
+    wall_now = time.time()
+    ticks_topic = persona.topics["ticks"].get_topic_name()
+    records: list[Record] = []
+    event_of_partition: dict[int, EventT] = {}
+    for e in events:
+        message = e.message
+        event_of_partition[message.partition] = e
+        if message.topic == ticks_topic:
+            clocks.tick(message.partition, wall_now)
+        else:
+            records.append(Record(message.topic, message.partition, message.offset, e.key, e.value))
+
+    for partition in event_of_partition:
+        if not persona.timers.has(partition):
+            _index_partition(persona, partition)
 
     result = ingest_batch(
         records,
-        load,
-        now=time.time(),
+        lambda user_id: _load(persona, user_id),
+        now=wall_now,
         max_event_bytes=settings.max_event_bytes,
         max_future_s=settings.max_future_s,
         dedupe_window=settings.dedupe_window,
         affinity_half_life_s=settings.affinity_half_life_days * 86400.0,
+        after_event=engine.after_event,
     )
+    for partition, max_ts in result.max_ts.items():
+        clocks.observe(partition, max_ts, wall_now)
 
+    changed = result.changed
+    for user_id, profile in changed.items():
+        profile[PARTITION_FIELD] = result.partition_of[user_id]
+    old_segments = {u: (p.get(TRIGGERS_KEY) or {}).get("segment") for u, p in changed.items()}
+
+    # Timers: what the watermarks made due, before scoring, so Redis sees the result.
+    outputs = Outputs()
+    for partition in event_of_partition:
+        watermark = clocks.watermark(partition)
+        for user_id in persona.timers.pop_due(partition, watermark):
+            profile = changed.get(user_id) or _load(persona, user_id)
+            if profile is None:
+                continue  # erased since it was scheduled
+            outputs.extend(engine.on_due(user_id, profile, watermark))
+            # on_due may have changed timer state even when nothing fired: always write back.
+            changed[user_id] = profile
+            result.partition_of[user_id] = partition
+            old_segments.setdefault(user_id, (profile.get(TRIGGERS_KEY) or {}).get("segment"))
+
+    now_of = {u: now_for(p, clocks.watermark(result.partition_of[u])) for u, p in changed.items()}
+    outputs.extend(engine.score(changed, now_of))
+
+    for user_id, profile in changed.items():
+        partition = result.partition_of[user_id]
+        due = engine.next_due(profile)
+        if due is not None:
+            persona.timers.schedule(partition, due, user_id)
+        new_segment = (profile.get(TRIGGERS_KEY) or {}).get("segment")
+        if new_segment != old_segments.get(user_id):
+            counts = persona.segment_counts.setdefault(partition, Counter())
+            if old_segments.get(user_id):
+                counts[old_segments[user_id]] -= 1
+            counts[new_segment] += 1
+
+    # Dead letters, table, Redis, output topics: in that order, all before the batch is acked.
     for record, rejection in result.rejected:
-        await deadletter.send(
+        await persona.topics["deadletter"].send(
             key=record.key,
             value=dead_letter_record(
                 record.value,
@@ -146,30 +273,61 @@ async def process_batch(persona: Persona, deadletter: faust.TopicT, events: list
                 offset=record.offset,
                 reason=rejection.reason,
                 detail=rejection.detail,
-                at=time.time(),
+                at=wall_now,
             ),
         )
         metrics.deadletters.labels(reason=rejection.reason).inc()
 
-    persona.watermark = max(persona.watermark, result.max_ts)
-    if result.changed:
-        event_of_partition = {e.message.partition: e for e in events}
-        for user_id, profile in result.changed.items():
-            with _as_current_event(event_of_partition[result.partition_of[user_id]]):
-                profiles[user_id.encode()] = orjson.dumps(profile)
-        summaries = {
-            user_id: summary(profile, now=persona.watermark)
-            for user_id, profile in result.changed.items()
-        }
-        errors_before = persona.cache.write_errors
-        redis_started = time.perf_counter()
-        await persona.cache.write_profiles(summaries)
-        metrics.redis_write_seconds.observe(time.perf_counter() - redis_started)
-        metrics.redis_errors.inc(persona.cache.write_errors - errors_before)
-        metrics.profile_writes.inc(len(summaries))
+    for user_id, profile in changed.items():
+        with as_current_event(event_of_partition[result.partition_of[user_id]]):
+            persona.profiles[user_id.encode()] = orjson.dumps(profile)
+    produced_at = [e.message.timestamp for e in events if e.message.topic != ticks_topic]
+    metrics.observe_latency("profile_updated", produced_at)
+    for partition, event in event_of_partition.items():
+        watermark = clocks.watermark(partition)
+        if math.isfinite(watermark) and watermark > persona.saved_watermarks.get(partition, -1.0):
+            persona.saved_watermarks[partition] = watermark
+            with as_current_event(event):
+                persona.profiles[WATERMARK_KEY_PREFIX + str(partition).encode()] = repr(
+                    watermark
+                ).encode()
+    metrics.set_watermarks(
+        {p: clocks.watermark(p) for p in event_of_partition if math.isfinite(clocks.watermark(p))}
+    )
+
+    totals: Counter[str] = Counter()
+    for counts in persona.segment_counts.values():
+        totals.update(counts)
+    for segment, count in totals.items():
+        metrics.segment_size.labels(segment=segment).set(count)
+    segment_sizes = {
+        f"{partition}/{segment}": count
+        for partition in event_of_partition
+        for segment, count in persona.segment_counts.get(partition, Counter()).items()
+    }
+    errors_before = persona.cache.write_errors
+    redis_started = time.perf_counter()
+    await persona.cache.write_profiles(
+        outputs.redis_fields, lead_scores=outputs.lead_scores, segment_sizes=segment_sizes
+    )
+    metrics.redis_write_seconds.observe(time.perf_counter() - redis_started)
+    metrics.redis_errors.inc(persona.cache.write_errors - errors_before)
+    metrics.profile_writes.inc(len(outputs.redis_fields))
+    metrics.observe_latency("redis_written", produced_at)
+
+    for emission in outputs.emissions:
+        await persona.topics[emission.kind].send(
+            key=emission.key, value=orjson.dumps(emission.payload)
+        )
+        metrics.triggers.labels(kind=TRIGGER_KIND[emission.kind]).inc()
+    for (kind, reason), count in outputs.suppressed.items():
+        metrics.triggers_suppressed.labels(kind=kind, reason=reason).inc(count)
+    if outputs.emissions:
+        metrics.observe_latency("trigger_produced", produced_at)
 
     for (topic, outcome), count in result.counts.items():
         metrics.events.labels(topic=topic, outcome=outcome).inc(count)
-    metrics.event_time_watermark.set(persona.watermark)
-    metrics.batch_events.observe(len(events))
-    metrics.batch_seconds.observe(time.perf_counter() - started)
+    metrics.count_event_types({(t, n, "ok"): c for (t, n), c in result.by_type.items()})
+    if records:
+        metrics.batch_events.observe(len(records))
+        metrics.batch_seconds.observe(time.perf_counter() - started)

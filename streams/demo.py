@@ -80,6 +80,7 @@ def demo_settings(
         data_dir=str(data_dir),
         session_timeout_s=2.0,
         heartbeat_s=0.5,
+        live_clock=False,  # simulated shoppers live in compressed event time
         **kw,
     )
 

@@ -22,12 +22,14 @@ restored together with the state it protects after a restart or a rebalance.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from connectors.segment import Rejection, parse_event
+from models.events import Event
 from models.features import apply_event, new_profile
 
 SEEN_KEY = "seen"
@@ -52,7 +54,10 @@ class BatchResult:
     rejected: list[tuple[Record, Rejection]] = field(default_factory=list)
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     """(topic, outcome) → events; outcome is ok, duplicate or deadletter."""
-    max_ts: float = 0.0
+    max_ts: dict[int, float] = field(default_factory=dict)
+    """Largest event time per source partition (for the partition watermarks)."""
+    by_type: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Applied events by (call type, event name)."""
 
 
 def ingest_batch(
@@ -64,11 +69,13 @@ def ingest_batch(
     max_future_s: float = 86400.0,
     dedupe_window: int = 256,
     affinity_half_life_s: float = 14 * 86400.0,
+    after_event: Callable[[dict[str, Any], Event], None] | None = None,
 ) -> BatchResult:
     """Apply a batch of raw records to the profiles ``load_profile`` returns.
 
     ``now`` is the wall clock, used only to reject timestamps absurdly far in the future;
-    everything else runs on event time.
+    everything else runs on event time. ``after_event(profile, event)`` runs after each applied
+    event (the models' per-event bookkeeping: cart episodes, labels, rewards).
     """
     result = BatchResult()
     changed = result.changed
@@ -94,9 +101,12 @@ def ingest_batch(
         if len(seen) > dedupe_window:
             del seen[: len(seen) - dedupe_window]
         apply_event(profile, parsed, affinity_half_life_s=affinity_half_life_s)
+        if after_event is not None:
+            after_event(profile, parsed)
         changed[user_id] = profile
         result.partition_of[user_id] = record.partition
         counts[(record.topic, "ok")] += 1
-        if parsed["ts"] > result.max_ts:
-            result.max_ts = parsed["ts"]
+        result.by_type[(parsed["type"], parsed["event"])] += 1
+        if parsed["ts"] > result.max_ts.get(record.partition, -math.inf):
+            result.max_ts[record.partition] = parsed["ts"]
     return result

@@ -43,6 +43,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be a number >= 0")
+    return value
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -153,6 +169,42 @@ SETTINGS: dict[str, Setting] = {
         "consent of a user who never stated it: deny or allow",
         _choice("deny", "allow"),
     ),
+    "config_path": Setting(
+        "PERSONA_CONFIG",
+        "",
+        "TOML file with [segments], [offers], [triggers] sections (default: built-in)",
+    ),
+    "live_clock": Setting(
+        "PERSONA_LIVE_CLOCK",
+        True,
+        "advance idle partitions' watermark with the wall clock (off for replays)",
+        _boolean,
+    ),
+    "allowed_lateness_s": Setting(
+        "PERSONA_ALLOWED_LATENESS_S",
+        60.0,
+        "watermark = largest event time seen minus this",
+        _non_negative_float,
+    ),
+    "idle_after_s": Setting(
+        "PERSONA_IDLE_AFTER_S",
+        5.0,
+        "wall-clock silence after which a partition's watermark follows the wall clock",
+        _positive_float,
+    ),
+    "tick_interval_s": Setting(
+        "PERSONA_TICK_INTERVAL_S", 1.0, "how often idle partitions are ticked", _positive_float
+    ),
+    "pseudonym_secret": Setting(
+        "PERSONA_PSEUDONYM_SECRET",
+        "change-me",
+        "HMAC-SHA256 key of the ids sent to ad platforms; set a long random value",
+    ),
+    "snapshot_secret": Setting(
+        "PERSONA_SNAPSHOT_SECRET",
+        "change-me-too",
+        "HMAC key that signs model snapshots; a snapshot that fails it is refused",
+    ),
     "log_level": Setting(
         "PERSONA_LOG_LEVEL", "info", "log level", _choice("debug", "info", "warning", "error")
     ),
@@ -192,6 +244,13 @@ class Settings:
     dedupe_window: int
     affinity_half_life_days: float
     consent_default: str
+    config_path: str
+    live_clock: bool
+    allowed_lateness_s: float
+    idle_after_s: float
+    tick_interval_s: float
+    pseudonym_secret: str
+    snapshot_secret: str
     log_level: str
     topics: dict[str, str] = field(default_factory=dict)
 
