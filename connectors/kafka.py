@@ -65,6 +65,17 @@ Message = tuple[str, bytes | None, bytes]
 """(topic, key, value)."""
 
 
+async def send_to_partitions(broker_url: str, messages: Iterable[tuple[str, int, bytes]]) -> None:
+    """Send each (topic, partition, value) to exactly that partition, acknowledged."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(broker_url), acks="all")
+    await producer.start()
+    try:
+        for topic, partition, value in messages:
+            await producer.send_and_wait(topic, value=value, partition=partition)
+    finally:
+        await producer.stop()
+
+
 async def produce_all(
     broker_url: str,
     messages: Iterable[Message],

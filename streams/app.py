@@ -13,7 +13,10 @@ re-delivers it and de-duplication makes the replay harmless). Per batch it
 Ticks are small messages this worker sends to the partitions it owns every
 ``PERSONA_TICK_INTERVAL_S``: they run the timers of an idle partition inside the stream, where
 table writes land in the right changelog partition, and in live mode advance its watermark with
-the wall clock. Build the app with :func:`create_app`; ``persona worker`` runs it.
+the wall clock. A tick carrying ``event_time`` instead (see :func:`end_of_log_ticks`) declares
+that event time reached it: a backtest sends one at the end of its log.
+
+Build the app with :func:`create_app`; ``persona worker`` runs it.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def create_app(settings: Settings) -> Persona:
         "profiles", partitions=settings.partitions, key_type=bytes, value_type=bytes
     )
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
-    ticks_name = f"{settings.app_id}-ticks"
+    ticks_name = ticks_topic_name(settings)
     topics = {kind: app.topic(name, **raw) for kind, name in settings.topics.items()}
     topics["ticks"] = app.topic(ticks_name, partitions=settings.partitions, internal=True, **raw)
     persona = Persona(
@@ -164,6 +167,16 @@ def create_app(settings: Settings) -> Persona:
     return persona
 
 
+def ticks_topic_name(settings: Settings) -> str:
+    return f"{settings.app_id}-ticks"
+
+
+def end_of_log_ticks(settings: Settings, event_time: float) -> list[tuple[str, int, bytes]]:
+    """(topic, partition, value) of the ticks that move every partition to ``event_time``."""
+    value = orjson.dumps({"event_time": event_time})
+    return [(ticks_topic_name(settings), p, value) for p in range(settings.partitions)]
+
+
 def _load(persona: Persona, user_id: str) -> dict[str, Any] | None:
     raw = persona.profiles.get(user_id.encode())
     return orjson.loads(raw) if raw else None
@@ -207,7 +220,11 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         message = e.message
         event_of_partition[message.partition] = e
         if message.topic == ticks_topic:
-            clocks.tick(message.partition, wall_now)
+            tick = orjson.loads(e.value)
+            if "event_time" in tick:
+                clocks.advance_to(message.partition, float(tick["event_time"]))
+            else:
+                clocks.tick(message.partition, wall_now)
         else:
             records.append(Record(message.topic, message.partition, message.offset, e.key, e.value))
 
@@ -291,9 +308,6 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
                 persona.profiles[WATERMARK_KEY_PREFIX + str(partition).encode()] = repr(
                     watermark
                 ).encode()
-    metrics.set_watermarks(
-        {p: clocks.watermark(p) for p in event_of_partition if math.isfinite(clocks.watermark(p))}
-    )
 
     totals: Counter[str] = Counter()
     for counts in persona.segment_counts.values():
@@ -331,3 +345,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     if records:
         metrics.batch_events.observe(len(records))
         metrics.batch_seconds.observe(time.perf_counter() - started)
+    # Last: a watermark gauge at or past a time means this batch's outputs were all sent.
+    metrics.set_watermarks(
+        {p: clocks.watermark(p) for p in event_of_partition if math.isfinite(clocks.watermark(p))}
+    )

@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("file", type=Path)
     replay.add_argument("--format", choices=FORMATS, required=True)
 
+    backtest = commands.add_parser(
+        "backtest", help="run the whole engine over a log in event time and dump its outputs"
+    )
+    backtest.add_argument("file", type=Path)
+    backtest.add_argument("--format", choices=FORMATS, required=True)
+    backtest.add_argument("--out", type=Path, required=True, help="output directory")
+    backtest.add_argument("--config", type=Path, help="TOML config (segments, offers, triggers)")
+    backtest.add_argument("--partitions", type=_positive_int, default=4)
+    backtest.add_argument("--json", action="store_true", help="end with one JSON line of counts")
+
     show = commands.add_parser("settings", help="print the settings (or their table)")
     show.add_argument("--markdown", action="store_true")
     return parser
@@ -125,6 +135,8 @@ def _run(args: argparse.Namespace) -> int:
             return _simulate(args)
         if args.command == "replay":
             return _replay(args)
+        if args.command == "backtest":
+            return _backtest(args)
     except ReplayError as exc:
         raise UserError(str(exc)) from None
     raise UserError(f"unknown command {args.command}")
@@ -185,6 +197,28 @@ def _replay(args: argparse.Namespace) -> int:
             option=orjson.OPT_SORT_KEYS,
         ).decode()
     )
+    return 0
+
+
+def _backtest(args: argparse.Namespace) -> int:
+    import orjson
+
+    from models.config import ConfigError, load_config
+    from streams.backtest import run_backtest
+
+    if args.config is not None:
+        try:
+            load_config(args.config)  # fail fast, in one line, before starting anything
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
+    counts = run_backtest(
+        args.file, args.format, args.out, config_path=args.config, partitions=args.partitions
+    )
+    for name, count in counts.items():
+        if not args.json:
+            print(f"{name}: {count}")
+    if args.json:
+        print(orjson.dumps(counts, option=orjson.OPT_SORT_KEYS).decode())
     return 0
 
 

@@ -70,6 +70,11 @@ class PartitionClocks:
             return True
         return False
 
+    def advance_to(self, partition: int, event_time: float) -> None:
+        """Declare that event time reached ``event_time`` (a replay's end: nothing later comes)."""
+        if event_time > self.watermark(partition):
+            self._watermark[partition] = event_time
+
     def forget(self, partition: int) -> None:
         """The partition moved to another worker."""
         self._watermark.pop(partition, None)

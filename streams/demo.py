@@ -21,12 +21,12 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from connectors.embedded import EmbeddedBroker, EmbeddedRedis, free_port
 from connectors.kafka import produce_all
 from connectors.redis_cache import ProfileCache
 from connectors.simulator import ShopperSimulator
+from streams.local import local_stack
 from streams.settings import Settings
-from streams.worker import WorkerProcess, ensure_topics
+from streams.worker import WorkerProcess
 
 
 @dataclass(slots=True)
@@ -69,48 +69,26 @@ class EngineStats:
         return stats
 
 
-def demo_settings(
-    broker: EmbeddedBroker, redis: EmbeddedRedis, data_dir: Path, **kw: Any
-) -> Settings:
-    """Settings of the demo's worker: embedded servers and short group timeouts."""
-    return Settings.from_env(
-        {},
-        broker_url=broker.url,
-        redis_url=redis.url,
-        data_dir=str(data_dir),
-        session_timeout_s=2.0,
-        heartbeat_s=0.5,
-        live_clock=False,  # simulated shoppers live in compressed event time
-        **kw,
-    )
-
-
 def run_demo(args: argparse.Namespace) -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="persona-demo-"))
     out = sys.stdout
     print(f"persona demo: logs and state in {data_dir}", file=out, flush=True)
-    with contextlib.ExitStack() as stack:
-        broker = stack.enter_context(EmbeddedBroker(data_dir))
-        redis = stack.enter_context(EmbeddedRedis(data_dir))
-        settings = demo_settings(
-            broker,
-            redis,
-            data_dir,
-            app_id="persona-demo",
-            partitions=args.partitions,
-            web_port=args.web_port or free_port(),
-        )
-        asyncio.run(ensure_topics(settings))
-        worker = stack.enter_context(WorkerProcess(settings, data_dir / "worker.log"))
-        worker.wait_serving()
+    overrides: dict[str, Any] = {
+        "app_id": "persona-demo",
+        "partitions": args.partitions,
+        "live_clock": False,  # simulated shoppers live in compressed event time
+    }
+    if args.web_port:
+        overrides["web_port"] = args.web_port
+    with local_stack(data_dir, **overrides) as stack:
         print(
-            f"broker {broker.bootstrap}  redis {redis.host}:{redis.port}  "
-            f"metrics {worker.metrics_url()}",
+            f"broker {stack.broker.bootstrap}  redis {stack.redis.host}:{stack.redis.port}  "
+            f"metrics {stack.worker.metrics_url()}",
             file=out,
             flush=True,
         )
         try:
-            result = asyncio.run(_drive(args, settings, worker))
+            result = asyncio.run(_drive(args, stack.settings, stack.worker))
         except KeyboardInterrupt:
             print("\ninterrupted: stopping", file=out, flush=True)
             return 130

@@ -27,7 +27,7 @@ from streams.settings import Settings
 
 def all_topics(settings: Settings) -> list[str]:
     """Every topic Persona reads or writes, created up front with the configured partitions."""
-    return list(settings.topics.values())
+    return [*settings.topics.values(), f"{settings.app_id}-ticks"]
 
 
 async def ensure_topics(settings: Settings) -> list[str]:
