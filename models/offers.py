@@ -259,10 +259,11 @@ def _hours(offer_id: str, key: str, value: Any) -> float:
 
 
 def _cap(offer_id: str, key: str, value: Any) -> int | None:
-    if value is None:
+    """A cap in 1..MAX_HISTORY; missing or 0 means no cap."""
+    if value is None or (type(value) is int and value == 0):
         return None
     if type(value) is not int or not 0 < value <= MAX_HISTORY:
-        raise OfferConfigError(f"offer {offer_id!r}: {key}: must be an integer in 1..{MAX_HISTORY}")
+        raise OfferConfigError(f"offer {offer_id!r}: {key}: must be an integer in 0..{MAX_HISTORY}")
     return value
 
 
@@ -295,7 +296,9 @@ def _parse_offer(raw: Any, n: int, defaults: Mapping[str, Any]) -> Offer:
     cap = _cap(offer_id, "frequency_cap", merged.get("frequency_cap"))
     window_s = _hours(offer_id, "frequency_window_hours", merged.get("frequency_window_hours", 0))
     if cap is not None and window_s <= 0:
-        raise OfferConfigError(f"offer {offer_id!r}: frequency_window_hours: must be > 0 with a cap")
+        raise OfferConfigError(
+            f"offer {offer_id!r}: frequency_window_hours: must be > 0 with a frequency_cap"
+        )
     return Offer(
         id=offer_id,
         channel=channel,
@@ -397,7 +400,12 @@ class OfferCatalog:
                     ok = consent[cat] = has_consent(profile, cat, consent_default)
                 if not ok:
                     continue
-            if not all(check(profile, now, segment) for check in offer.checks):
+            ok = True
+            for check in offer.checks:
+                if not check(profile, now, segment):
+                    ok = False
+                    break
+            if not ok:
                 continue
             if history and not _allowed_by_history(offer, history, now):
                 continue
@@ -626,15 +634,39 @@ class OfferPolicy:
 
     def ucb_many(self, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(means, ucb scores), each (n, offers), for an (n, dim) context matrix."""
-        x = np.asarray(contexts, dtype=float)
+        x = np.asarray(contexts, dtype=float).reshape(-1, self.dim)
         means = x @ self._theta.T
-        xa = np.einsum("nd,kde->nke", x, self._a_inv)
-        width = np.sqrt(np.maximum(np.einsum("nke,ne->nk", xa, x), 0.0))
-        return means, means + self.alpha * width
+        xa = np.matmul(x[None, :, :], self._a_inv)  # (offers, n, dim)
+        var = (xa * x[None, :, :]).sum(axis=2).T
+        return means, means + self.alpha * np.sqrt(np.maximum(var, 0.0))
 
-    def probabilities_many(
-        self, ucb: np.ndarray, eligible: np.ndarray | None = None
-    ) -> np.ndarray:
+    def _scores(self, x: np.ndarray) -> tuple[list[list[float]], list[list[float]]]:
+        """:meth:`ucb_many` as nested lists; one row is scored without batched products."""
+        if len(x) != 1:
+            means, ucb = self.ucb_many(x)
+            return means.tolist(), ucb.tolist()
+        x0 = x[0]
+        m = (self._theta @ x0).tolist()
+        var = ((self._a_inv @ x0) @ x0).tolist()
+        alpha, sqrt = self.alpha, math.sqrt
+        return [m], [
+            [mi + alpha * sqrt(v if v > 0.0 else 0.0) for mi, v in zip(m, var, strict=True)]
+        ]
+
+    def _row_probabilities(self, ucb: list[float]) -> list[float]:
+        """:meth:`probabilities_many` for one row of eligible UCB scores, in plain Python."""
+        n = len(ucb)
+        top = max(ucb)
+        if self.temperature > 0:
+            e = [math.exp((u - top) / self.temperature) for u in ucb]
+        else:
+            e = [1.0 if u >= top else 0.0 for u in ucb]
+        s = sum(e)
+        keep = 1.0 - self.epsilon
+        floor = self.epsilon / n
+        return [keep * v / s + floor for v in e]
+
+    def probabilities_many(self, ucb: np.ndarray, eligible: np.ndarray | None = None) -> np.ndarray:
         """Bandit choice probabilities (n, offers) from UCB scores; 0 for ineligible offers.
 
         ``eligible`` is an (n, offers) boolean mask (default: all). Rows with nothing eligible
@@ -655,9 +687,6 @@ class OfferPolicy:
         uniform = np.divide(mask, n_el, out=np.zeros(mask.shape), where=n_el > 0)
         return (1.0 - self.epsilon) * soft + self.epsilon * uniform
 
-    def _draw(self, user_id: str, ts: float) -> float:
-        return _unit(f"{self.seed}|{user_id}|{ts!r}")
-
     def choose(
         self,
         context: Sequence[float] | np.ndarray,
@@ -668,9 +697,7 @@ class OfferPolicy:
     ) -> dict[str, Any]:
         """Decide among offer indices ``eligible`` for one context (no profile needed)."""
         x = np.asarray(context, dtype=float).reshape(1, -1)
-        mask = np.zeros((1, len(self.catalog)), dtype=bool)
-        mask[0, list(eligible)] = True
-        return self._decide_rows(x, mask, [user_id], [ts])[0]
+        return self._decide_rows(x, [list(eligible)], [user_id], [ts])[0]
 
     def decide(
         self,
@@ -699,38 +726,47 @@ class OfferPolicy:
         features: Sequence[Mapping[str, float] | None] | None = None,
         segments: Sequence[str | None] | None = None,
     ) -> list[dict[str, Any]]:
-        """:meth:`decide` for many profiles, scored in one batch (same results)."""
+        """:meth:`decide` for many profiles, scored in one batch."""
         n = len(profiles)
         nows = [float(now)] * n if isinstance(now, int | float) else [float(t) for t in now]
-        k = len(self.catalog)
-        x = np.empty((n, self.dim))
-        mask = np.zeros((n, k), dtype=bool)
+        rows = []
+        eligible = []
+        catalog = self.catalog
+        consent_default = self.consent_default
         for i, p in enumerate(profiles):
             f = features[i] if features is not None else None
             if f is None:
                 f = feature_vector(p, now=nows[i])
-            x[i] = offer_context(f)
+            rows.append(offer_context(f))
             seg = segments[i] if segments is not None else None
             if seg is None:
                 seg = p.get("segment")
-            el = self.catalog.eligible(p, now=nows[i], segment=seg,
-                                       consent_default=self.consent_default)  # fmt: skip
-            mask[i, el] = True
-        return self._decide_rows(x, mask, [p["user_id"] for p in profiles], nows)
+            eligible.append(
+                catalog.eligible(p, now=nows[i], segment=seg, consent_default=consent_default)
+            )
+        x = np.array(rows, dtype=float).reshape(n, self.dim)
+        return self._decide_rows(x, eligible, [p["user_id"] for p in profiles], nows)
 
     def _decide_rows(
-        self, x: np.ndarray, mask: np.ndarray, user_ids: Sequence[str], nows: Sequence[float]
+        self,
+        x: np.ndarray,
+        eligible: Sequence[Sequence[int]],
+        user_ids: Sequence[str],
+        nows: Sequence[float],
     ) -> list[dict[str, Any]]:
-        means, ucb = self.ucb_many(x)
-        probs = self.probabilities_many(ucb, mask)
+        means_l, ucb_l = self._scores(x)
+        x_l = x.tolist()
         offers = self.catalog.offers
+        version = self.version
         out = []
         for i, uid in enumerate(user_ids):
             ts = nows[i]
-            row = np.flatnonzero(mask[i])
+            row = eligible[i]
+            n = len(row)
             holdout = self.in_holdout(uid)
+            digest = hashlib.sha256(f"{self.seed}|{uid}|{ts!r}".encode()).digest()
             decision: dict[str, Any] = {
-                "decision_id": hashlib.sha256(f"{uid}|{ts!r}".encode()).hexdigest()[:24],
+                "decision_id": digest[8:20].hex(),
                 "user_id": uid,
                 "ts": ts,
                 "offer_id": None,
@@ -739,29 +775,31 @@ class OfferPolicy:
                 "propensity": 1.0,
                 "reason": "none_eligible",
                 "policy": "control" if holdout else "bandit",
-                "model_version": self.version,
+                "model_version": version,
                 "eligible": [offers[j].id for j in row],
-                "context": x[i].tolist(),
+                "context": x_l[i],
             }
-            if len(row) == 0:
-                out.append(decision)
-                continue
-            u = self._draw(uid, ts)
-            if len(row) == 1:
-                j, p, reason = int(row[0]), 1.0, "only_eligible"
-            elif holdout:
-                j = int(row[min(int(u * len(row)), len(row) - 1)])
-                p, reason = 1.0 / len(row), "holdout"
-            else:
-                pr = probs[i, row]
-                c = int(np.searchsorted(np.cumsum(pr), u * pr.sum(), side="right"))
-                j = int(row[min(c, len(row) - 1)])
-                p = float(probs[i, j])
-                best = int(row[int(np.argmax(ucb[i, row]))])
-                reason = "exploit" if j == best else "explore"
-            decision.update(offer_id=offers[j].id, channel=offers[j].channel,
-                            score=float(means[i, j]), propensity=p, reason=reason)  # fmt: skip
             out.append(decision)
+            if n == 0:
+                continue
+            u = int.from_bytes(digest[:8], "big") / 2**64  # the decision's one random draw
+            if n == 1:
+                j, p, reason = row[0], 1.0, "only_eligible"
+            elif holdout:
+                j, p, reason = row[min(int(u * n), n - 1)], 1.0 / n, "holdout"
+            else:
+                scores = [ucb_l[i][k] for k in row]
+                probs = self._row_probabilities(scores)
+                c, acc, target = n - 1, 0.0, u * sum(probs)
+                for m, q in enumerate(probs):
+                    acc += q
+                    if target < acc:
+                        c = m
+                        break
+                j, p = row[c], probs[c]
+                reason = "exploit" if c == scores.index(max(scores)) else "explore"
+            decision.update(offer_id=offers[j].id, channel=offers[j].channel,
+                            score=means_l[i][j], propensity=p, reason=reason)  # fmt: skip
         return out
 
     # --- learning -----------------------------------------------------------------------------
@@ -771,7 +809,9 @@ class OfferPolicy:
             return int(offer_id) if 0 <= offer_id < len(self.catalog) else None
         return self.catalog.index.get(offer_id)
 
-    def update(self, context: Sequence[float] | np.ndarray, offer_id: str | int, reward: float) -> None:
+    def update(
+        self, context: Sequence[float] | np.ndarray, offer_id: str | int, reward: float
+    ) -> None:
         """Learn one (context, offer, reward) example; unknown offer ids are ignored."""
         k = self._arm(offer_id)
         if k is None:
