@@ -370,6 +370,19 @@ class OfferCatalog:
             raise OfferConfigError("offer 'limits': window_hours: must be > 0 with max_offers")
         return cls(offers, max_offers=max_offers, window_s=window_s, config=dict(config))
 
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> OfferCatalog:
+        """From the ``[offers]`` section of the configuration: ``defaults``, ``limits`` and the
+        ``catalog`` array (``[[offers.catalog]]``)."""
+        if not isinstance(section, Mapping):
+            raise OfferConfigError("offers: must be a table")
+        unknown = sorted(set(section) - {"catalog", "defaults", "limits"})
+        if unknown:
+            raise OfferConfigError(f"offers: {unknown[0]}: unknown key")
+        config = {k: v for k, v in section.items() if k != "catalog"}
+        config["offers"] = section.get("catalog")
+        return cls.from_config(config)
+
     def eligible(
         self,
         profile: dict[str, Any],
@@ -432,13 +445,13 @@ def _allowed_by_history(offer: Offer, history: Sequence[Sequence[Any]], now: flo
 
 
 def load_catalog(path: str | Path | None = None) -> OfferCatalog:
-    """Read and validate a TOML catalog (default: ``models/config/offers.toml``)."""
+    """Read and validate the ``[offers]`` section of a TOML file (default: the built-in one)."""
     p = Path(path) if path is not None else DEFAULT_CATALOG_PATH
     try:
         config = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise OfferConfigError(f"config: {p.name}: not valid TOML: {exc}") from None
-    return OfferCatalog.from_config(config)
+    return OfferCatalog.from_section(config.get("offers", {}))
 
 
 # --------------------------------------------------------------------------- per-user state

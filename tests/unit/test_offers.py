@@ -114,7 +114,7 @@ def test_config_errors_are_one_line_naming_offer_and_key(
 
 def test_bad_toml_is_a_config_error(tmp_path: Any) -> None:
     path = tmp_path / "offers.toml"
-    path.write_text("[[offers]\nid = 'x'\n")
+    path.write_text("[[offers.catalog]\nid = 'x'\n")
     with pytest.raises(OfferConfigError, match="TOML"):
         load_catalog(path)
 
