@@ -34,16 +34,18 @@ from typing import Any
 import faust
 import orjson
 from faust.streams import _current_event
-from faust.types import EventT
+from faust.types import TP, EventT
 
 from connectors.redis_cache import ProfileCache
 from connectors.segment import dead_letter_record
 from models.config import load_config
+from models.events import Event
 from streams.api import add_routes
 from streams.clock import PartitionClocks, TimerIndex
 from streams.engine import TRIGGER_KIND, TRIGGERS_KEY, Engine, Outputs, now_for
-from streams.ingest import Record, ingest_batch
+from streams.ingest import BatchResult, Record, apply_events, parse_records
 from streams.metrics import Metrics
+from streams.ordering import ReorderBuffer
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,9 @@ class Persona:
     segment_counts: dict[int, Counter[str]] = field(default_factory=dict)
     """Users per segment, per partition owned here (absolute counts written to Redis)."""
     saved_watermarks: dict[int, float] = field(default_factory=dict)
+    ordering: ReorderBuffer = field(default_factory=lambda: ReorderBuffer(()))
+    read_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Last offset this worker received per input topic partition."""
 
 
 @contextlib.contextmanager
@@ -128,6 +133,7 @@ def create_app(settings: Settings) -> Persona:
             idle_after_s=settings.idle_after_s,
             live=settings.live_clock,
         ),
+        ordering=ReorderBuffer(settings.input_topics.values()),
     )
 
     inputs = app.topic(
@@ -156,6 +162,9 @@ def create_app(settings: Settings) -> Persona:
             persona.clocks.forget(tp.partition)
             persona.segment_counts.pop(tp.partition, None)
             persona.saved_watermarks.pop(tp.partition, None)
+            persona.ordering.forget(tp.partition)
+            for topic in settings.input_topics.values():
+                persona.read_offsets.pop((topic, tp.partition), None)
 
     add_routes(app, cache=cache, metrics=metrics, segment_definitions=engine.segmenter.definitions)
 
@@ -175,6 +184,27 @@ def end_of_log_ticks(settings: Settings, event_time: float) -> list[tuple[str, i
     """(topic, partition, value) of the ticks that move every partition to ``event_time``."""
     value = orjson.dumps({"event_time": event_time})
     return [(ticks_topic_name(settings), p, value) for p in range(settings.partitions)]
+
+
+def _caught_up(persona: Persona, partition: int) -> dict[str, bool]:
+    """Per input topic: has this worker read the partition to its end (high watermark)?
+
+    Read position is the larger of the last offset this worker saw and the group's committed
+    offset (after a restart, a fully consumed partition delivers nothing and is caught up).
+    """
+    consumer = persona.app.consumer
+    caught_up = {}
+    for topic in persona.ordering.topics:
+        tp = TP(topic, partition)
+        try:
+            highwater = consumer.highwater(tp)
+        except (AssertionError, KeyError, AttributeError):
+            highwater = None
+        seen = persona.read_offsets.get((topic, partition))
+        committed = consumer._committed_offset.get(tp) or 0  # Faust keeps no public accessor
+        read_to = max(seen + 1 if seen is not None else 0, committed)
+        caught_up[topic] = highwater is not None and read_to >= highwater
+    return caught_up
 
 
 def _load(persona: Persona, user_id: str) -> dict[str, Any] | None:
@@ -226,18 +256,36 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
             else:
                 clocks.tick(message.partition, wall_now)
         else:
-            records.append(Record(message.topic, message.partition, message.offset, e.key, e.value))
+            records.append(
+                Record(message.topic, message.partition, message.offset, e.key, e.value, e)
+            )
+            persona.read_offsets[(message.topic, message.partition)] = message.offset
 
     for partition in event_of_partition:
         if not persona.timers.has(partition):
             _index_partition(persona, partition)
 
-    result = ingest_batch(
+    # Valid events wait for event-time order across the input topics; each holds a reference
+    # on its message, so Kafka's committed offset never passes an event not yet applied.
+    result = BatchResult()
+    for record, event in parse_records(
         records,
-        lambda user_id: _load(persona, user_id),
+        result,
         now=wall_now,
         max_event_bytes=settings.max_event_bytes,
         max_future_s=settings.max_future_s,
+    ):
+        record.source.message.incref()
+        persona.ordering.add(record.partition, record.topic, event["ts"], (record, event))
+    released: list[tuple[Record, Event]] = []
+    for partition in persona.ordering.partitions():
+        released += persona.ordering.release(partition, _caught_up(persona, partition))
+    for record, _ in released:
+        event_of_partition.setdefault(record.partition, record.source)
+    apply_events(
+        released,
+        lambda user_id: _load(persona, user_id),
+        result,
         dedupe_window=settings.dedupe_window,
         affinity_half_life_s=settings.affinity_half_life_days * 86400.0,
         after_event=engine.after_event,
@@ -345,6 +393,10 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     if records:
         metrics.batch_events.observe(len(records))
         metrics.batch_seconds.observe(time.perf_counter() - started)
+    for record, _ in released:
+        record.source.ack()
+    metrics.held_events.set(persona.ordering.held())
+
     # Last: a watermark gauge at or past a time means this batch's outputs were all sent.
     metrics.set_watermarks(
         {p: clocks.watermark(p) for p in event_of_partition if math.isfinite(clocks.watermark(p))}

@@ -51,22 +51,25 @@ def run_backtest(
     }
     if config_path is not None:
         overrides["config_path"] = str(config_path)
-    with local_stack(data_dir, **overrides) as stack:
-        settings = stack.settings
+    def produce_log(settings: Settings) -> None:
         topics = settings.input_topics
         messages = [(topics[stream_of(m)], m.key or None, m.value) for m in log.messages]
         asyncio.run(produce_all(settings.broker_url, messages))
+
+    with local_stack(data_dir, preload=produce_log, **overrides) as stack:
+        settings = stack.settings
+        expected = len(log.messages)
         deadline = time.monotonic() + timeout_s
         consumed = 0
         while time.monotonic() < deadline:
             text = stack.worker.scrape()
             consumed = EngineStats.from_exposition(text).consumed if text else consumed
-            if consumed >= len(messages):
+            if consumed >= expected:
                 break
             time.sleep(0.2)
         else:
             raise TimeoutError(
-                f"backtest: worker consumed {consumed} of {len(messages)} messages "
+                f"backtest: worker consumed {consumed} of {expected} messages "
                 f"in {timeout_s:.0f}s; see {stack.worker.log_path}"
             )
         # The log is over: event time reached its last event on every partition.
@@ -84,7 +87,7 @@ def run_backtest(
         stack.worker.stop()  # graceful: the worker flushes what it produced
         counts = asyncio.run(_dump(settings, out_dir))
     counts["rows"] = log.rows
-    counts["events"] = len(messages)
+    counts["events"] = len(log.messages)
     counts["rejected_rows"] = dict(log.rejected)
     return counts
 

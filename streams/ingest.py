@@ -43,6 +43,8 @@ class Record(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes
+    source: Any = None
+    """The consumer's own handle on the message (a Faust event), to acknowledge it later."""
 
 
 @dataclass(slots=True)
@@ -60,34 +62,49 @@ class BatchResult:
     """Applied events by (call type, event name)."""
 
 
-def ingest_batch(
+def parse_records(
     records: Iterable[Record],
-    load_profile: Callable[[str], dict[str, Any] | None],
+    result: BatchResult,
     *,
     now: float,
     max_event_bytes: int = 65536,
     max_future_s: float = 86400.0,
-    dedupe_window: int = 256,
-    affinity_half_life_s: float = 14 * 86400.0,
-    after_event: Callable[[dict[str, Any], Event], None] | None = None,
-) -> BatchResult:
-    """Apply a batch of raw records to the profiles ``load_profile`` returns.
+) -> list[tuple[Record, Event]]:
+    """Validate raw records: rejects go to ``result.rejected``, valid events are returned.
 
-    ``now`` is the wall clock, used only to reject timestamps absurdly far in the future;
-    everything else runs on event time. ``after_event(profile, event)`` runs after each applied
-    event (the models' per-event bookkeeping: cart episodes, labels, rewards).
+    ``now`` is the wall clock, used only to reject timestamps absurdly far in the future.
     """
-    result = BatchResult()
-    changed = result.changed
-    counts = result.counts
+    valid = []
     for record in records:
         parsed = parse_event(
             record.value, now=now, max_bytes=max_event_bytes, max_future_s=max_future_s
         )
         if isinstance(parsed, Rejection):
             result.rejected.append((record, parsed))
-            counts[(record.topic, "deadletter")] += 1
-            continue
+            result.counts[(record.topic, "deadletter")] += 1
+        else:
+            valid.append((record, parsed))
+    return valid
+
+
+def apply_events(
+    events: Iterable[tuple[Record, Event]],
+    load_profile: Callable[[str], dict[str, Any] | None],
+    result: BatchResult,
+    *,
+    dedupe_window: int = 256,
+    affinity_half_life_s: float = 14 * 86400.0,
+    after_event: Callable[[dict[str, Any], Event], None] | None = None,
+) -> None:
+    """Fold valid events, in the order given, into the profiles ``load_profile`` returns.
+
+    Duplicates (a message id the profile already applied) are counted and skipped.
+    ``after_event(profile, event)`` runs after each applied event (the models' per-event
+    bookkeeping: cart episodes, labels, rewards). Everything runs on event time.
+    """
+    changed = result.changed
+    counts = result.counts
+    for record, parsed in events:
         user_id = parsed["user_id"]
         profile = changed.get(user_id)
         if profile is None:
@@ -109,4 +126,30 @@ def ingest_batch(
         result.by_type[(parsed["type"], parsed["event"])] += 1
         if parsed["ts"] > result.max_ts.get(record.partition, -math.inf):
             result.max_ts[record.partition] = parsed["ts"]
+
+
+def ingest_batch(
+    records: Iterable[Record],
+    load_profile: Callable[[str], dict[str, Any] | None],
+    *,
+    now: float,
+    max_event_bytes: int = 65536,
+    max_future_s: float = 86400.0,
+    dedupe_window: int = 256,
+    affinity_half_life_s: float = 14 * 86400.0,
+    after_event: Callable[[dict[str, Any], Event], None] | None = None,
+) -> BatchResult:
+    """Parse and apply a batch in arrival order (:func:`parse_records` + :func:`apply_events`)."""
+    result = BatchResult()
+    valid = parse_records(
+        records, result, now=now, max_event_bytes=max_event_bytes, max_future_s=max_future_s
+    )
+    apply_events(
+        valid,
+        load_profile,
+        result,
+        dedupe_window=dedupe_window,
+        affinity_half_life_s=affinity_half_life_s,
+        after_event=after_event,
+    )
     return result

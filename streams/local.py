@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,15 @@ class LocalStack:
 
 
 @contextlib.contextmanager
-def local_stack(data_dir: Path, **overrides: Any) -> Iterator[LocalStack]:
+def local_stack(
+    data_dir: Path, *, preload: Callable[[Settings], None] | None = None, **overrides: Any
+) -> Iterator[LocalStack]:
     """Start broker, Redis and one worker; ``overrides`` are settings (``PERSONA_*`` env wins
-    for anything not overridden, so a user can still set e.g. the consent default)."""
+    for anything not overridden, so a user can still set e.g. the consent default).
+
+    ``preload(settings)`` runs after the topics exist and before the worker starts: a backtest
+    loads its whole log there, so the worker sees every topic's true end from its first fetch.
+    """
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(EmbeddedBroker(data_dir))
         redis = stack.enter_context(EmbeddedRedis(data_dir))
@@ -47,6 +53,8 @@ def local_stack(data_dir: Path, **overrides: Any) -> Iterator[LocalStack]:
         values.update(overrides)
         settings = Settings.from_env(os.environ, **values)
         asyncio.run(ensure_topics(settings))
+        if preload is not None:
+            preload(settings)
         worker = stack.enter_context(WorkerProcess(settings, data_dir / "worker.log"))
         worker.wait_serving()
         yield LocalStack(broker, redis, settings, worker)

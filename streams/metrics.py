@@ -239,6 +239,11 @@ class Metrics:
         self._snapshot_age = _SnapshotAge(self._snapshot_published, clock)
         r.register(self._snapshot_age)
         # -- process -----------------------------------------------------------------------
+        self.held_events = Gauge(
+            "persona_ordering_held_events",
+            "Valid events waiting for event-time order across input topics (not yet applied)",
+            registry=r,
+        )
         self.up = Gauge("persona_up", "1 while this worker serves metrics", registry=r)
         self.up.set(1)
 
