@@ -553,6 +553,18 @@ def attribute(
     return [_example(pending.pop(best), 1.0, ts)]
 
 
+def next_due(state: dict[str, Any], *, window_s: float = DEFAULT_WINDOW_S) -> float | None:
+    """When the earliest pending decision's attribution window closes (for timers), or None.
+
+    >>> next_due({"pending": [{"ts": 100.0}, {"ts": 50.0}]}, window_s=10.0)
+    60.0
+    """
+    pending = state.get("pending") if state else None
+    if not pending:
+        return None
+    return min(e["ts"] for e in pending) + window_s
+
+
 def expire(
     state: dict[str, Any], watermark: float, *, window_s: float = DEFAULT_WINDOW_S
 ) -> list[dict[str, Any]]:

@@ -40,13 +40,30 @@ from connectors.redis_cache import ProfileCache
 from connectors.segment import dead_letter_record
 from models.config import load_config
 from models.events import Event
+from models.snapshots import SnapshotSignatureError, verify_and_load
 from streams.api import add_routes
 from streams.clock import PartitionClocks, TimerIndex
-from streams.engine import TRIGGER_KIND, TRIGGERS_KEY, Engine, Outputs, now_for
+from streams.engine import (
+    MODELS,
+    TRIGGER_KIND,
+    TRIGGERS_KEY,
+    Engine,
+    EngineOptions,
+    Outputs,
+    now_for,
+)
 from streams.ingest import BatchResult, Record, apply_events, parse_records
 from streams.metrics import Metrics
 from streams.ordering import ReorderBuffer
 from streams.settings import Settings
+from streams.training import (
+    TrainerState,
+    checkpoint,
+    group_by_model,
+    learn,
+    restore,
+    should_publish,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +91,11 @@ class Persona:
     ordering: ReorderBuffer = field(default_factory=lambda: ReorderBuffer(()))
     read_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     """Last offset this worker received per input topic partition."""
+    trainer_state: Any = None  # faust Table[bytes, bytes]: signed checkpoints by model
+    snapshots: Any = None  # faust GlobalTable[bytes, bytes]: published snapshots by model
+    trainers: dict[str, TrainerState] = field(default_factory=dict)
+    serving: dict[str, bytes] = field(default_factory=dict)
+    """The snapshot blob each replica was loaded from."""
 
 
 @contextlib.contextmanager
@@ -110,11 +132,30 @@ def create_app(settings: Settings) -> Persona:
         stream_wait_empty=False,
     )
     config = load_config(settings.config_path or None)
-    engine = Engine(config, consent_default=settings.consent_default == "allow")
+    engine = Engine(
+        config,
+        EngineOptions(
+            consent_default=settings.consent_default == "allow",
+            lead_horizon_s=settings.lead_horizon_days * 86400.0,
+            attribution_window_s=settings.attribution_window_hours * 3600.0,
+            holdout_share=settings.holdout_share,
+            pseudonym_secret=settings.pseudonym_secret,
+        ),
+    )
     metrics = Metrics()
     cache = ProfileCache(settings.redis_url)
     profiles = app.Table(
         "profiles", partitions=settings.partitions, key_type=bytes, value_type=bytes
+    )
+    trainer_state = app.Table(
+        "trainer-state", partitions=settings.partitions, key_type=bytes, value_type=bytes
+    )
+    snapshots = app.GlobalTable(
+        "model-snapshots",
+        partitions=settings.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        use_partitioner=True,
     )
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     ticks_name = ticks_topic_name(settings)
@@ -134,6 +175,8 @@ def create_app(settings: Settings) -> Persona:
             live=settings.live_clock,
         ),
         ordering=ReorderBuffer(settings.input_topics.values()),
+        trainer_state=trainer_state,
+        snapshots=snapshots,
     )
 
     inputs = app.topic(
@@ -144,6 +187,11 @@ def create_app(settings: Settings) -> Persona:
     async def ingest(stream: faust.StreamT[bytes]) -> None:
         async for events in stream.take_events(settings.batch_size, settings.batch_within_s):
             await process_batch(persona, events)
+
+    @app.agent(topics["training_examples"], name="trainer")
+    async def trainer(stream: faust.StreamT[bytes]) -> None:
+        async for events in stream.take_events(settings.batch_size, settings.batch_within_s):
+            await train_batch(persona, events)
 
     @app.timer(settings.tick_interval_s)
     async def tick_owned_partitions() -> None:
@@ -184,6 +232,73 @@ def end_of_log_ticks(settings: Settings, event_time: float) -> list[tuple[str, i
     """(topic, partition, value) of the ticks that move every partition to ``event_time``."""
     value = orjson.dumps({"event_time": event_time})
     return [(ticks_topic_name(settings), p, value) for p in range(settings.partitions)]
+
+
+def refresh_replicas(persona: Persona) -> None:
+    """Serve the newest published snapshot of each model (verified before it is loaded)."""
+    secret = persona.settings.snapshot_secret.encode()
+    for name in MODELS:
+        blob = persona.snapshots.get(name.encode())
+        if not blob or blob == persona.serving.get(name):
+            continue
+        persona.serving[name] = blob
+        try:
+            snap = verify_and_load(blob, secret)
+        except SnapshotSignatureError as exc:
+            log.error("refusing a %s snapshot: %s", name, exc)
+            persona.metrics.snapshot_refused.labels(model=name).inc()
+            continue
+        persona.engine.swap(name, persona.engine.load_model(name, snap.payload))
+        published_at = float(snap.metrics.get("published_at") or time.time())
+        persona.metrics.snapshot_loaded(name, version=snap.version, published_at=published_at)
+        if name == "lead":
+            if snap.metrics.get("rolling_auc") is not None:
+                persona.metrics.lead_auc.set(snap.metrics["rolling_auc"])
+            if snap.metrics.get("rolling_logloss") is not None:
+                persona.metrics.lead_logloss.set(snap.metrics["rolling_logloss"])
+
+
+async def train_batch(persona: Persona, events: list[EventT]) -> None:
+    """Learn a batch of training examples; checkpoint, and publish when due."""
+    settings, engine, metrics = persona.settings, persona.engine, persona.metrics
+    secret = settings.snapshot_secret.encode()
+    items = [(e.message.partition, e.message.offset, orjson.loads(e.value)) for e in events]
+    event_of_partition = {e.message.partition: e for e in events}
+    for name, group in group_by_model(items).items():
+        state = persona.trainers.get(name)
+        if state is None:
+            state = persona.trainers[name] = restore(
+                persona.trainer_state.get(name.encode()),
+                secret,
+                lambda payload, name=name: engine.load_model(name, payload),
+                lambda name=name: engine.new_model(name),
+                name,
+            )
+        fresh = [(p, o, m) for p, o, m in group if not state.already_learned(p, o)]
+        if not fresh:
+            continue
+        conversions_before = dict(state.conversions)
+        drifts = learn(state, [example for _, _, m in fresh for example in m["examples"]])
+        for partition, offset, _ in fresh:
+            state.offsets[partition] = max(state.offsets.get(partition, -1), offset)
+        if drifts:
+            metrics.drift_alarms.labels(model=name).inc(drifts)
+        for (offer_id, policy), count in state.conversions.items():
+            new = count - conversions_before.get((offer_id, policy), 0)
+            if new:
+                metrics.offer_conversions.labels(offer=offer_id, policy=policy).inc(new)
+        publish = should_publish(
+            state,
+            every_examples=settings.snapshot_every_examples,
+            every_s=settings.snapshot_every_s,
+        )
+        blob = checkpoint(state, secret, published_at=time.time() if publish else None)
+        with as_current_event(event_of_partition[fresh[-1][0]]):
+            persona.trainer_state[name.encode()] = blob
+        if publish:
+            persona.snapshots[name.encode()] = blob
+            state.unpublished = 0
+            state.published_at = time.monotonic()
 
 
 def _caught_up(persona: Persona, partition: int) -> dict[str, bool]:
@@ -243,6 +358,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         persona.clocks,
     )
     wall_now = time.time()
+    refresh_replicas(persona)
     ticks_topic = persona.topics["ticks"].get_topic_name()
     records: list[Record] = []
     event_of_partition: dict[int, EventT] = {}
@@ -382,6 +498,16 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
             key=emission.key, value=orjson.dumps(emission.payload)
         )
         metrics.triggers.labels(kind=TRIGGER_KIND[emission.kind]).inc()
+    # One message per model and batch: the trainer learns in batches anyway.
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for model, example in outputs.examples:
+        by_model.setdefault(model, []).append(example)
+    for model, examples in by_model.items():
+        await persona.topics["training_examples"].send(
+            key=model.encode(), value=orjson.dumps({"model": model, "examples": examples})
+        )
+    for (offer_id, policy, reason), count in outputs.decisions.items():
+        metrics.offer_decisions.labels(offer=offer_id, policy=policy, reason=reason).inc(count)
     for (kind, reason), count in outputs.suppressed.items():
         metrics.triggers_suppressed.labels(kind=kind, reason=reason).inc(count)
     if outputs.emissions:

@@ -4,12 +4,16 @@
 policy) and turns changed profiles into what Persona publishes: Redis fields, trigger messages
 and training examples. It is plain Python over ``models`` and ``connectors.payloads``: the Faust
 agent in ``streams.app`` calls it and does the I/O, so this logic is tested without a broker.
+Learning does not happen here: examples go to the trainers (``streams.training``), whose
+snapshots replace the replicas (:meth:`Engine.swap`).
 
 Call order per batch, which the label logic relies on (no leakage):
-1. ``after_event`` for each applied event (cart episodes, delayed labels, offer rewards),
-2. ``score`` once per changed profile, on the profile after the whole batch (a lead snapshot is
-   taken here, so a purchase in the batch can only label snapshots taken *before* it),
-3. ``on_due`` for profiles whose deadline the partition watermark has passed.
+1. :meth:`after_event` for each applied event, in event-time order (cart episodes; a purchase
+   labels the lead snapshots taken *before* it and pays the offer decided before it),
+2. :meth:`on_due` for profiles whose deadline the partition watermark has passed (abandoned
+   carts, horizons and attribution windows that closed: negative examples),
+3. :meth:`score` once per changed profile, on the profile after the whole batch: segment,
+   cluster, lead score (and a new feature snapshot for its label), next-best-offer.
 """
 
 from __future__ import annotations
@@ -23,22 +27,31 @@ import orjson
 
 from connectors.payloads import (
     abandoned_cart_payload,
+    hot_lead_payload,
+    offer_payload,
     segment_change_payload,
 )
-from models import triggers
-from models.events import Event
+from models import labels, offers, triggers
+from models.events import OFFER_CLICKED, ORDER_COMPLETED, Event
 from models.features import feature_vector, summary
+from models.lead import LeadModel
+from models.offers import OfferCatalog, OfferPolicy
 from models.segments import ProfileClusters, RuleSegmenter
 from models.triggers import AbandonedCart, TriggerConfig
 
 TRIGGERS_KEY = "triggers"
+LEAD_KEY = "lead"
+OFFERS_KEY = "offers"
+CLUSTER_DAY_KEY = "cluster_day"
 TRIGGER_KIND = {
     "abandoned_cart": "abandoned_cart",
     "offers": "offer",
     "segment_changes": "segment_change",
     "hot_leads": "hot_lead",
+    "tombstones": "tombstone",
 }
 """Output topic kind → the ``kind`` label of the trigger metrics."""
+MODELS = ("lead", "offers", "clusters")
 
 
 @dataclass(slots=True)
@@ -61,6 +74,8 @@ class Outputs:
     lead_scores: dict[str, float] = field(default_factory=dict)
     suppressed: Counter[tuple[str, str]] = field(default_factory=Counter)
     """(trigger kind, gate reason) → count."""
+    decisions: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    """(offer id, policy, reason) → offer decisions published."""
 
     def extend(self, other: Outputs) -> None:
         self.emissions += other.emissions
@@ -69,112 +84,264 @@ class Outputs:
             self.redis_fields.setdefault(user_id, {}).update(fields)
         self.lead_scores.update(other.lead_scores)
         self.suppressed.update(other.suppressed)
+        self.decisions.update(other.decisions)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    consent_default: bool = False
+    lead_horizon_s: float = 7 * 86400.0
+    attribution_window_s: float = 24 * 3600.0
+    holdout_share: float = 0.05
+    pseudonym_secret: str = "change-me"
+    seed: int = 0
 
 
 class Engine:
     """Model replicas and the decisions made with them."""
 
-    def __init__(self, config: dict[str, Any], *, consent_default: bool, seed: int = 0) -> None:
+    def __init__(self, config: dict[str, Any], options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
         self.segmenter = RuleSegmenter.from_config({"segments": config["segments"]})
-        self.clusters = ProfileClusters(seed=seed)
         self.trigger_config = TriggerConfig.from_config(config)
-        self.consent_default = consent_default
+        self.catalog = OfferCatalog.from_section(config["offers"])
+        self.clusters = ProfileClusters(seed=self.options.seed)
+        self.lead = LeadModel(horizon_s=self.options.lead_horizon_s)
+        self.policy = self.new_policy()
+        self._examples: list[tuple[str, dict[str, Any]]] = []
+
+    def new_policy(self) -> OfferPolicy:
+        return OfferPolicy(
+            self.catalog,
+            holdout_share=self.options.holdout_share,
+            seed=self.options.seed,
+            consent_default=self.options.consent_default,
+        )
+
+    def new_model(self, name: str) -> Any:
+        """A fresh, untrained model (what a trainer starts from)."""
+        if name == "lead":
+            return LeadModel(horizon_s=self.options.lead_horizon_s)
+        if name == "offers":
+            return self.new_policy()
+        if name == "clusters":
+            return ProfileClusters(seed=self.options.seed)
+        raise KeyError(name)
+
+    def load_model(self, name: str, payload: bytes) -> Any:
+        if name == "lead":
+            return LeadModel.from_bytes(payload)
+        if name == "offers":
+            return OfferPolicy.from_bytes(payload, catalog=self.catalog)
+        if name == "clusters":
+            return ProfileClusters.from_bytes(payload)
+        raise KeyError(name)
+
+    def swap(self, name: str, model: Any) -> None:
+        """Serve a new replica of ``name`` (from a verified snapshot)."""
+        setattr(self, {"lead": "lead", "offers": "policy", "clusters": "clusters"}[name], model)
 
     # -- per event ---------------------------------------------------------------------------
 
     def after_event(self, profile: dict[str, Any], event: Event) -> None:
-        """Bookkeeping that must see every event in order (after ``apply_event``)."""
+        """Bookkeeping that must see every event, in order, right after ``apply_event``."""
+        name, ts = event["event"], event["ts"]
         state = profile.setdefault(TRIGGERS_KEY, triggers.new_state())
         triggers.on_event(
             state,
             profile,
-            event["event"],
-            event["ts"],
+            name,
+            ts,
             abandon_after_minutes=self.trigger_config.abandon_after_minutes,
         )
+        if name == ORDER_COMPLETED:
+            # Positives wait for their horizon like negatives, so the trainer sees labels in
+            # the order of the snapshots (an early flood of positives would bias the model).
+            labels.on_purchase(
+                profile.setdefault(LEAD_KEY, labels.new_state()), ts, hold_until_due=True
+            )
+        if name in (ORDER_COMPLETED, OFFER_CLICKED):
+            offer_id = event["properties"].get("offer_id") if name == OFFER_CLICKED else None
+            paid = offers.attribute(
+                offers.offer_state(profile),
+                name,
+                ts,
+                window_s=self.options.attribution_window_s,
+                offer_id=str(offer_id) if offer_id is not None else None,
+            )
+            self._examples += [("offers", example) for example in paid]
+
+    def take_examples(self) -> list[tuple[str, dict[str, Any]]]:
+        """The training examples :meth:`after_event` produced since the last call."""
+        examples, self._examples = self._examples, []
+        return examples
 
     # -- per batch ---------------------------------------------------------------------------
 
     def score(self, profiles: dict[str, dict[str, Any]], now_of: dict[str, float]) -> Outputs:
-        """Segments and clusters for each changed profile; ``now_of`` is each user's event time."""
+        """Segment, cluster, lead score and next-best-offer for each changed profile.
+
+        ``now_of`` is each user's "now" in event time (its partition's clock).
+        """
         out = Outputs()
         if not profiles:
             return out
         user_ids = list(profiles)
-        vectors = [feature_vector(profiles[u], now=now_of[u]) for u in user_ids]
+        plist = [profiles[u] for u in user_ids]
+        nows = [now_of[u] for u in user_ids]
+        vectors = [feature_vector(p, now=t) for p, t in zip(plist, nows, strict=True)]
         clusters = self.clusters.assign_many(vectors) if self.clusters.ready else None
+        scores = self.lead.predict_many(vectors)
+        segments = [self.segmenter.assign(p, now=t) for p, t in zip(plist, nows, strict=True)]
+        decisions = self.policy.decide_many(
+            plist, now=nows, features=vectors, segments=[s for s, _ in segments]
+        )
+        lead_version = str(self.lead.version)
+        enter, leave = self.trigger_config.hot_enter, self.trigger_config.hot_exit
         for i, user_id in enumerate(user_ids):
-            profile = profiles[user_id]
-            now = now_of[user_id]
+            profile, now, vector = plist[i], nows[i], vectors[i]
+            score = float(scores[i])
+            segment, reason = segments[i]
             state = profile.setdefault(TRIGGERS_KEY, triggers.new_state())
-            segment, reason = self.segmenter.assign(profile, now=now)
+            key = user_id.encode()
+
             change = triggers.segment_transition(state, segment)
             if change is not None:
-                old, new = change
-                out.emissions.append(
-                    Emission(
-                        "segment_changes",
-                        user_id.encode(),
-                        segment_change_payload(
-                            user_id=user_id,
-                            old_segment=old,
-                            new_segment=new,
-                            reason=reason,
-                            at=now,
-                        ),
-                    )
-                )
+                payload = segment_change_payload(
+                    user_id=user_id, old_segment=change[0], new_segment=change[1],
+                    reason=reason, at=now,
+                )  # fmt: skip
+                out.emissions.append(Emission("segment_changes", key, payload))
+
+            explanation = self.lead.explain(vector, top_k=3) if self.lead.examples_seen else []
+            transition = triggers.hot_lead_transition(state, score, enter=enter, exit=leave)
+            if transition is not None:
+                payload = hot_lead_payload(
+                    profile, score=score, explanation=explanation, model_version=lead_version,
+                    at=now, transition=transition,
+                )  # fmt: skip
+                out.emissions.append(Emission("hot_leads", key, payload))
+            lead_state = profile.setdefault(LEAD_KEY, labels.new_state())
+            lead_state["score"] = round(score, 4)
+            labels.on_scored(
+                lead_state,
+                vector,
+                now,
+                horizon_s=self.options.lead_horizon_s,
+                user_id=user_id,
+                score=score,
+            )
+
+            decision = decisions[i]
+            self._publish_offer(out, profile, decision, now)
+
             fields = summary(profile, now=now)
             fields["segment"] = segment
             fields["segment_reason"] = reason
             fields["cluster"] = "" if clusters is None or clusters[i] < 0 else str(clusters[i])
+            fields["lead_score"] = f"{score:.4f}"
+            fields["lead_model_version"] = lead_version
+            fields["lead_explanation"] = orjson.dumps(
+                [{"feature": f, "contribution": round(c, 4)} for f, c in explanation]
+            ).decode()
+            last = (profile.get(OFFERS_KEY) or {}).get("last") or {}
+            fields["offer_id"] = last.get("offer_id") or ""
+            fields["offer_channel"] = last.get("channel") or ""
+            fields["offer_reason"] = last.get("reason") or ""
+            fields["offer_policy"] = last.get("policy") or ""
+            propensity = last.get("propensity")
+            fields["offer_propensity"] = "" if propensity is None else f"{propensity:.4f}"
             out.redis_fields[user_id] = fields
+            out.lead_scores[user_id] = score
+            day = int(now // 86400)
+            if profile.get(CLUSTER_DAY_KEY) != day:  # one cluster sample per user and day
+                profile[CLUSTER_DAY_KEY] = day
+                out.examples.append(("clusters", {"vector": vector}))
+        out.examples += self.take_examples()
         return out
 
-    def cluster_examples(
-        self, profiles: dict[str, dict[str, Any]], now_of: dict[str, float]
-    ) -> list[dict[str, float]]:
-        """Feature vectors the cluster trainer learns from."""
-        return [feature_vector(p, now=now_of[u]) for u, p in profiles.items()]
+    def _publish_offer(
+        self, out: Outputs, profile: dict[str, Any], decision: dict[str, Any], now: float
+    ) -> None:
+        """Record and publish a decision when the best offer changed or its refresh is due."""
+        offer_id = decision["offer_id"]
+        if offer_id is None:
+            return
+        state = profile.setdefault(TRIGGERS_KEY, triggers.new_state())
+        refresh = self.trigger_config.offer_refresh_hours
+        if not triggers.offer_changed(state, offer_id, ts=now, refresh_hours=refresh):
+            return
+        evicted = offers.record(offers.offer_state(profile), decision)
+        out.examples += [("offers", example) for example in evicted]
+        out.decisions[(offer_id, decision["policy"], decision["reason"])] += 1
+        if decision["channel"] != "ads":
+            return  # email and onsite offers are served from the Redis profile
+        payload = offer_payload(
+            profile,
+            secret=self.options.pseudonym_secret,
+            consent_default=self.options.consent_default,
+            offer_id=offer_id,
+            channel=decision["channel"],
+            score=float(decision["score"]),
+            propensity=float(decision["propensity"]),
+            reason=decision["reason"],
+            policy=decision["policy"],
+            decided_at=now,
+        )
+        if payload is None:
+            out.suppressed[("offer", "no_consent")] += 1
+            return
+        out.emissions.append(Emission("offers", payload["pseudonymous_id"].encode(), payload))
 
     # -- timers ------------------------------------------------------------------------------
 
     def next_due(self, profile: dict[str, Any]) -> float | None:
         """Earliest event time at which :meth:`on_due` has work for this profile."""
-        due = triggers.deadline(profile.get(TRIGGERS_KEY) or {})
-        return due
+        candidates = [
+            triggers.deadline(profile.get(TRIGGERS_KEY) or {}),
+            labels.next_due(profile.get(LEAD_KEY) or {}),
+            offers.next_due(
+                profile.get(OFFERS_KEY) or {}, window_s=self.options.attribution_window_s
+            ),
+        ]
+        due = [c for c in candidates if c is not None]
+        return min(due) if due else None
 
     def on_due(self, user_id: str, profile: dict[str, Any], watermark: float) -> Outputs:
-        """Fire what the watermark has made due: abandoned carts (gated), label expiries."""
+        """Fire what the watermark made due: abandoned carts (gated), closed label horizons and
+        attribution windows (negative examples)."""
         out = Outputs()
         state = profile.setdefault(TRIGGERS_KEY, triggers.new_state())
-        segment = state.get("segment")
         while True:
             result = triggers.fire_due(
                 state,
                 profile,
                 watermark=watermark,
                 user_id=user_id,
-                consent_default=self.consent_default,
+                consent_default=self.options.consent_default,
                 cap_hours=self.trigger_config.cap_hours,
                 erased=bool(profile.get("erased")),
             )
             if result is None:
                 break
             if isinstance(result, AbandonedCart):
-                payload = abandoned_cart_payload(result, segment=segment)
+                last_offer = (profile.get(OFFERS_KEY) or {}).get("last")
+                payload = abandoned_cart_payload(
+                    result,
+                    segment=state.get("segment"),
+                    lead_score=(profile.get(LEAD_KEY) or {}).get("score"),
+                    next_best_offer=last_offer if (last_offer or {}).get("offer_id") else None,
+                )
                 out.emissions.append(Emission("abandoned_cart", user_id.encode(), payload))
             else:
                 out.suppressed[("abandoned_cart", result.reason)] += 1
+        for example in labels.expire(profile.get(LEAD_KEY) or {}, watermark):
+            out.examples.append(("lead", example))
+        expired = offers.expire(
+            profile.get(OFFERS_KEY) or {}, watermark, window_s=self.options.attribution_window_s
+        )
+        out.examples += [("offers", example) for example in expired]
         return out
-
-
-def segment_of(profile: dict[str, Any]) -> str | None:
-    return (profile.get(TRIGGERS_KEY) or {}).get("segment")
-
-
-def encode(payload: dict[str, Any]) -> bytes:
-    return orjson.dumps(payload)
 
 
 def now_for(profile: dict[str, Any], watermark: float) -> float:

@@ -239,6 +239,12 @@ class Metrics:
         self._snapshot_age = _SnapshotAge(self._snapshot_published, clock)
         r.register(self._snapshot_age)
         # -- process -----------------------------------------------------------------------
+        self.snapshot_refused = Counter(
+            "persona_model_snapshot_refused",
+            "Model snapshots refused because their signature did not verify, by model",
+            ["model"],
+            registry=r,
+        )
         self.held_events = Gauge(
             "persona_ordering_held_events",
             "Valid events waiting for event-time order across input topics (not yet applied)",

@@ -50,6 +50,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise ValueError("must be a number in [0, 1)")
+    return value
+
+
 def _boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -205,6 +212,36 @@ SETTINGS: dict[str, Setting] = {
         "change-me-too",
         "HMAC key that signs model snapshots; a snapshot that fails it is refused",
     ),
+    "lead_horizon_days": Setting(
+        "PERSONA_LEAD_HORIZON_DAYS",
+        7.0,
+        "lead score = P(purchase within this many days of event time)",
+        _positive_float,
+    ),
+    "attribution_window_hours": Setting(
+        "PERSONA_ATTRIBUTION_WINDOW_HOURS",
+        24.0,
+        "a purchase this soon after an offer rewards it",
+        _positive_float,
+    ),
+    "holdout_share": Setting(
+        "PERSONA_HOLDOUT_SHARE",
+        0.05,
+        "share of users (by hashed id) in the control group",
+        _fraction,
+    ),
+    "snapshot_every_examples": Setting(
+        "PERSONA_SNAPSHOT_EVERY_EXAMPLES",
+        1000,
+        "a trainer publishes its model after this many new examples ...",
+        _positive_int,
+    ),
+    "snapshot_every_s": Setting(
+        "PERSONA_SNAPSHOT_EVERY_S",
+        30.0,
+        "... or after this many seconds with new examples",
+        _positive_float,
+    ),
     "log_level": Setting(
         "PERSONA_LOG_LEVEL", "info", "log level", _choice("debug", "info", "warning", "error")
     ),
@@ -251,6 +288,11 @@ class Settings:
     tick_interval_s: float
     pseudonym_secret: str
     snapshot_secret: str
+    lead_horizon_days: float
+    attribution_window_hours: float
+    holdout_share: float
+    snapshot_every_examples: int
+    snapshot_every_s: float
     log_level: str
     topics: dict[str, str] = field(default_factory=dict)
 
