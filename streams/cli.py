@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
+
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
 
 from connectors.embedded import EmbeddedServerError
 from streams.settings import Settings, SettingsError, settings_markdown
@@ -115,12 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "worker":
+        # Client libraries log connection failures themselves; the command says it in one line.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         return _run(args)
     except KeyboardInterrupt:
         return 130
     except (UserError, SettingsError, EmbeddedServerError, OSError) as exc:
         print(f"persona {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KafkaError as exc:
+        print(f"persona {args.command}: error: Kafka: {exc}", file=sys.stderr)
+        return 2
+    except RedisError as exc:
+        print(f"persona {args.command}: error: Redis: {exc}", file=sys.stderr)
         return 2
 
 
