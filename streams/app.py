@@ -21,6 +21,7 @@ Build the app with :func:`create_app`; ``persona worker`` runs it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -33,9 +34,12 @@ from typing import Any
 
 import faust
 import orjson
+from aiokafka import AIOKafkaConsumer
+from aiokafka import TopicPartition as KafkaTopicPartition
 from faust.streams import _current_event
 from faust.types import TP, EventT
 
+from connectors.kafka import bootstrap_servers
 from connectors.redis_cache import ProfileCache
 from connectors.segment import dead_letter_record
 from models.config import load_config
@@ -92,10 +96,9 @@ class Persona:
     read_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     """Last offset this worker received per input topic partition."""
     trainer_state: Any = None  # faust Table[bytes, bytes]: signed checkpoints by model
-    snapshots: Any = None  # faust GlobalTable[bytes, bytes]: published snapshots by model
     trainers: dict[str, TrainerState] = field(default_factory=dict)
-    serving: dict[str, bytes] = field(default_factory=dict)
-    """The snapshot blob each replica was loaded from."""
+    serving: dict[str, int] = field(default_factory=dict)
+    """The snapshot version each replica serves."""
 
 
 @contextlib.contextmanager
@@ -150,16 +153,10 @@ def create_app(settings: Settings) -> Persona:
     trainer_state = app.Table(
         "trainer-state", partitions=settings.partitions, key_type=bytes, value_type=bytes
     )
-    snapshots = app.GlobalTable(
-        "model-snapshots",
-        partitions=settings.partitions,
-        key_type=bytes,
-        value_type=bytes,
-        use_partitioner=True,
-    )
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     ticks_name = ticks_topic_name(settings)
     topics = {kind: app.topic(name, **raw) for kind, name in settings.topics.items()}
+    topics["snapshots"] = app.topic(snapshots_topic_name(settings), **raw)
     topics["ticks"] = app.topic(ticks_name, partitions=settings.partitions, internal=True, **raw)
     persona = Persona(
         app,
@@ -176,7 +173,6 @@ def create_app(settings: Settings) -> Persona:
         ),
         ordering=ReorderBuffer(settings.input_topics.values()),
         trainer_state=trainer_state,
-        snapshots=snapshots,
     )
 
     inputs = app.topic(
@@ -193,6 +189,10 @@ def create_app(settings: Settings) -> Persona:
         async for events in stream.take_events(settings.batch_size, settings.batch_within_s):
             await train_batch(persona, events)
 
+    @app.task
+    async def snapshots_follower() -> None:
+        await follow_snapshots(persona)
+
     @app.timer(settings.tick_interval_s)
     async def tick_owned_partitions() -> None:
         """Wake every owned partition, so its timers run even when no event arrives."""
@@ -205,6 +205,8 @@ def create_app(settings: Settings) -> Persona:
     @app.on_partitions_revoked.connect
     async def forget_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
         """A partition that moves away is rebuilt from the table if it ever comes back."""
+        if any(tp.topic == settings.topics["training_examples"] for tp in revoked):
+            persona.trainers.clear()  # the checkpoint table is the truth when they come back
         for tp in revoked:
             persona.timers.forget(tp.partition)
             persona.clocks.forget(tp.partition)
@@ -234,28 +236,63 @@ def end_of_log_ticks(settings: Settings, event_time: float) -> list[tuple[str, i
     return [(ticks_topic_name(settings), p, value) for p in range(settings.partitions)]
 
 
-def refresh_replicas(persona: Persona) -> None:
-    """Serve the newest published snapshot of each model (verified before it is loaded)."""
-    secret = persona.settings.snapshot_secret.encode()
-    for name in MODELS:
-        blob = persona.snapshots.get(name.encode())
-        if not blob or blob == persona.serving.get(name):
-            continue
-        persona.serving[name] = blob
-        try:
-            snap = verify_and_load(blob, secret)
-        except SnapshotSignatureError as exc:
-            log.error("refusing a %s snapshot: %s", name, exc)
-            persona.metrics.snapshot_refused.labels(model=name).inc()
-            continue
-        persona.engine.swap(name, persona.engine.load_model(name, snap.payload))
-        published_at = float(snap.metrics.get("published_at") or time.time())
-        persona.metrics.snapshot_loaded(name, version=snap.version, published_at=published_at)
-        if name == "lead":
-            if snap.metrics.get("rolling_auc") is not None:
-                persona.metrics.lead_auc.set(snap.metrics["rolling_auc"])
-            if snap.metrics.get("rolling_logloss") is not None:
-                persona.metrics.lead_logloss.set(snap.metrics["rolling_logloss"])
+def snapshots_topic_name(settings: Settings) -> str:
+    return f"{settings.app_id}-model-snapshots"
+
+
+def apply_snapshot(persona: Persona, blob: bytes) -> bool:
+    """Serve the model in ``blob`` if it verifies and is newer than the replica; True if so.
+
+    The signature is checked before anything is unpickled: a forged or corrupted snapshot is
+    refused, counted and logged, and the replica keeps serving the previous model.
+    """
+    try:
+        snap = verify_and_load(blob, persona.settings.snapshot_secret.encode())
+    except SnapshotSignatureError as exc:
+        log.error("refusing a model snapshot: %s", exc)
+        persona.metrics.snapshot_refused.labels(model="unknown").inc()
+        return False
+    if snap.name not in MODELS or snap.version <= persona.serving.get(snap.name, 0):
+        return False
+    persona.engine.swap(snap.name, persona.engine.load_model(snap.name, snap.payload))
+    persona.serving[snap.name] = snap.version
+    published_at = float(snap.metrics.get("published_at") or time.time())
+    persona.metrics.snapshot_loaded(snap.name, version=snap.version, published_at=published_at)
+    if snap.name == "lead":
+        if snap.metrics.get("rolling_auc") is not None:
+            persona.metrics.lead_auc.set(snap.metrics["rolling_auc"])
+        if snap.metrics.get("rolling_logloss") is not None:
+            persona.metrics.lead_logloss.set(snap.metrics["rolling_logloss"])
+    return True
+
+
+async def follow_snapshots(persona: Persona) -> None:
+    """Every worker reads every published snapshot, from the start, and swaps its replicas.
+
+    A plain consumer outside the consumer group: each worker needs all of them.
+    """
+    settings = persona.settings
+    topic = snapshots_topic_name(settings)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers(settings.broker_url), enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        while not partitions:
+            await asyncio.sleep(1.0)
+            await consumer.force_metadata_update()  # type: ignore[attr-defined]
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [KafkaTopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        while True:
+            batch = await consumer.getmany(timeout_ms=1000)
+            for records in batch.values():
+                for record in records:
+                    apply_snapshot(persona, record.value)
+    finally:
+        await consumer.stop()
 
 
 async def train_batch(persona: Persona, events: list[EventT]) -> None:
@@ -296,9 +333,11 @@ async def train_batch(persona: Persona, events: list[EventT]) -> None:
         with as_current_event(event_of_partition[fresh[-1][0]]):
             persona.trainer_state[name.encode()] = blob
         if publish:
-            persona.snapshots[name.encode()] = blob
+            await persona.topics["snapshots"].send(key=name.encode(), value=blob)
             state.unpublished = 0
             state.published_at = time.monotonic()
+    # The checkpoints are on the broker before these examples are acknowledged.
+    await persona.app.producer.flush()
 
 
 def _caught_up(persona: Persona, partition: int) -> dict[str, bool]:
@@ -358,7 +397,6 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         persona.clocks,
     )
     wall_now = time.time()
-    refresh_replicas(persona)
     ticks_topic = persona.topics["ticks"].get_topic_name()
     records: list[Record] = []
     event_of_partition: dict[int, EventT] = {}
@@ -522,6 +560,10 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     for record, _ in released:
         record.source.ack()
     metrics.held_events.set(persona.ordering.held())
+
+    # Everything this batch produced (changelog, outputs, dead letters, examples) is on the
+    # broker before the batch is acknowledged: a crash can only re-deliver, never lose.
+    await persona.app.producer.flush()
 
     # Last: a watermark gauge at or past a time means this batch's outputs were all sent.
     metrics.set_watermarks(

@@ -27,7 +27,8 @@ from streams.settings import Settings
 
 def all_topics(settings: Settings) -> list[str]:
     """Every topic Persona reads or writes, created up front with the configured partitions."""
-    return [*settings.topics.values(), f"{settings.app_id}-ticks"]
+    internal = (f"{settings.app_id}-ticks", f"{settings.app_id}-model-snapshots")
+    return [*settings.topics.values(), *internal]
 
 
 async def ensure_topics(settings: Settings) -> list[str]:

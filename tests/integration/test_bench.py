@@ -1,0 +1,80 @@
+"""``persona bench`` end to end on a small log: every number is there and sane, nothing is left.
+
+No speed thresholds: how fast is a question for the benchmark itself, not for a test on a
+shared machine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from streams.bench import RESULT_KEYS, format_report, run_bench
+
+pytestmark = pytest.mark.integration
+
+TAG = "PERSONA_BENCH_TEST_TAG"
+
+
+def processes_with(marker: bytes) -> list[int]:
+    """Pids of live processes whose environment holds ``marker`` (ours are readable)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes():
+                status = (entry / "status").read_text()
+                if "\nState:\tZ" not in status:
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def children_of(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def test_bench_reports_every_number_and_leaves_no_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = uuid.uuid4().hex
+    monkeypatch.setenv(TAG, marker)  # inherited by the broker, Redis, workers, the count app
+    children_before = set(children_of(os.getpid()))
+
+    result = run_bench(5000, users=1000, seed=7, workers=2, partitions=4, data_dir=tmp_path)
+
+    for key in (*RESULT_KEYS, "two_worker_events_per_s", "scale_ratio", "machine"):
+        assert key in result, key
+    assert result["events"] == 5000
+    assert result["workers"] == 2
+    for key in (
+        "engine_events_per_s", "ceiling_events_per_s", "ratio", "faust_count_events_per_s",
+        "p50_ms", "p99_ms", "rss_mb_per_100k_profiles", "two_worker_events_per_s",
+        "scale_ratio",
+    ):  # fmt: skip
+        value = result[key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+    assert result["p99_ms"] >= result["p50_ms"]
+    assert 0 < result["profiles"] <= 1000
+    assert result["machine"]["nproc"] >= 1 and result["machine"]["cpu_model"]
+    report = format_report(result)
+    assert "events/s" in report and "p99" in report and "per 100k profiles" in report
+
+    assert processes_with(f"{TAG}={marker}".encode()) == []
+    assert set(children_of(os.getpid())) <= children_before
