@@ -100,6 +100,16 @@ class ProfileCache:
             self.last_write_s = time.perf_counter() - started
             return
 
+    async def erase(self, user_ids: list[str]) -> None:
+        """Remove everything Persona keeps in Redis about these users (erasure requests)."""
+        if not user_ids:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for user_id in user_ids:
+                pipe.delete(profile_key(user_id))
+            pipe.zrem(LEADS_KEY, *user_ids)
+            await pipe.execute()
+
     async def read_profile(self, user_id: str) -> dict[str, str]:
         """The user's profile hash, decoded; empty when unknown."""
         raw = await self.client.hgetall(profile_key(user_id))

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import math
 import time
@@ -40,6 +42,7 @@ from faust.streams import _current_event
 from faust.types import TP, EventT
 
 from connectors.kafka import bootstrap_servers
+from connectors.payloads import tombstone
 from connectors.redis_cache import ProfileCache
 from connectors.segment import dead_letter_record
 from models.config import load_config
@@ -51,6 +54,7 @@ from streams.engine import (
     MODELS,
     TRIGGER_KIND,
     TRIGGERS_KEY,
+    Emission,
     Engine,
     EngineOptions,
     Outputs,
@@ -73,6 +77,8 @@ log = logging.getLogger(__name__)
 
 WATERMARK_KEY_PREFIX = b"\x00watermark/"
 """Table keys holding each partition's watermark (never a user id: ids are printable)."""
+ERASED_KEY_PREFIX = b"\x00erased/"
+"""Table keys marking erased users, by keyed hash of the id (the raw id is forgotten)."""
 PARTITION_FIELD = "partition"
 
 
@@ -366,6 +372,41 @@ def _load(persona: Persona, user_id: str) -> dict[str, Any] | None:
     return orjson.loads(raw) if raw else None
 
 
+def erasure_marker(persona: Persona, user_id: str) -> bytes:
+    """Table key remembering that a user was erased: a keyed hash, never the raw id."""
+    digest = hmac.new(
+        persona.settings.pseudonym_secret.encode(), user_id.encode(), hashlib.sha256
+    ).hexdigest()
+    return ERASED_KEY_PREFIX + digest.encode()
+
+
+def erase_users(
+    persona: Persona, erasures: dict[str, tuple[float, int]], event_of_partition: dict[int, EventT]
+) -> Outputs:
+    """Forget users who asked to be erased: profile (with its pending label snapshots, offer
+    decisions, cart timers and de-duplication ids) out of the table, a keyed-hash marker in so
+    their later events are dropped, and tombstones for every output topic."""
+    out = Outputs()
+    secret = persona.settings.pseudonym_secret
+    for user_id, (at, partition) in erasures.items():
+        key = user_id.encode()
+        old = _load(persona, user_id)
+        with as_current_event(event_of_partition[partition]):
+            if old is not None:
+                del persona.profiles[key]
+            persona.profiles[erasure_marker(persona, user_id)] = repr(at).encode()
+        segment = ((old or {}).get(TRIGGERS_KEY) or {}).get("segment")
+        if segment:
+            persona.segment_counts.setdefault(partition, Counter())[segment] -= 1
+        for kind in ("abandoned_cart", "segment_changes", "hot_leads"):
+            out.emissions.append(Emission(kind, key, tombstone(user_id, at=at)))
+        offer_tombstone = tombstone(user_id, at=at, secret=secret)
+        out.emissions.append(
+            Emission("offers", offer_tombstone["pseudonymous_id"].encode(), offer_tombstone)
+        )
+    return out
+
+
 def _index_partition(persona: Persona, partition: int) -> None:
     """Rebuild this partition's timers and segment counts from the table (after assignment)."""
     persona.timers.start(partition)
@@ -374,6 +415,8 @@ def _index_partition(persona: Persona, partition: int) -> None:
         if key.startswith(WATERMARK_KEY_PREFIX):
             if int(key[len(WATERMARK_KEY_PREFIX) :]) == partition:
                 persona.clocks.restore(partition, float(raw))
+            continue
+        if key.startswith(ERASED_KEY_PREFIX):
             continue
         profile = orjson.loads(raw)
         if profile.get(PARTITION_FIELD) != partition:
@@ -443,9 +486,13 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         dedupe_window=settings.dedupe_window,
         affinity_half_life_s=settings.affinity_half_life_days * 86400.0,
         after_event=engine.after_event,
+        is_erased=lambda user_id: (
+            persona.profiles.get(erasure_marker(persona, user_id)) is not None
+        ),
     )
     for partition, max_ts in result.max_ts.items():
         clocks.observe(partition, max_ts, wall_now)
+    erasure_outputs = erase_users(persona, result.erasures, event_of_partition)
 
     changed = result.changed
     for user_id, profile in changed.items():
@@ -453,7 +500,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     old_segments = {u: (p.get(TRIGGERS_KEY) or {}).get("segment") for u, p in changed.items()}
 
     # Timers: what the watermarks made due, before scoring, so Redis sees the result.
-    outputs = Outputs()
+    outputs = erasure_outputs
     for partition in event_of_partition:
         watermark = clocks.watermark(partition)
         for user_id in persona.timers.pop_due(partition, watermark):
@@ -526,6 +573,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     await persona.cache.write_profiles(
         outputs.redis_fields, lead_scores=outputs.lead_scores, segment_sizes=segment_sizes
     )
+    await persona.cache.erase(list(result.erasures))
     metrics.redis_write_seconds.observe(time.perf_counter() - redis_started)
     metrics.redis_errors.inc(persona.cache.write_errors - errors_before)
     metrics.profile_writes.inc(len(outputs.redis_fields))
@@ -535,7 +583,10 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         await persona.topics[emission.kind].send(
             key=emission.key, value=orjson.dumps(emission.payload)
         )
-        metrics.triggers.labels(kind=TRIGGER_KIND[emission.kind]).inc()
+        tombstone_sent = emission.payload.get("type") == "tombstone"
+        metrics.triggers.labels(
+            kind="tombstone" if tombstone_sent else TRIGGER_KIND[emission.kind]
+        ).inc()
     # One message per model and batch: the trainer learns in batches anyway.
     by_model: dict[str, list[dict[str, Any]]] = {}
     for model, example in outputs.examples:

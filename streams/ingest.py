@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from connectors.segment import Rejection, parse_event
-from models.events import Event
+from models.events import ERASURE_REQUESTED, Event
 from models.features import apply_event, new_profile
 
 SEEN_KEY = "seen"
@@ -60,6 +60,8 @@ class BatchResult:
     """Largest event time per source partition (for the partition watermarks)."""
     by_type: Counter[tuple[str, str]] = field(default_factory=Counter)
     """Applied events by (call type, event name)."""
+    erasures: dict[str, tuple[float, int]] = field(default_factory=dict)
+    """Users who asked to be erased in this batch: user id → (event time, partition)."""
 
 
 def parse_records(
@@ -95,20 +97,37 @@ def apply_events(
     dedupe_window: int = 256,
     affinity_half_life_s: float = 14 * 86400.0,
     after_event: Callable[[dict[str, Any], Event], None] | None = None,
+    is_erased: Callable[[str], bool] | None = None,
 ) -> None:
     """Fold valid events, in the order given, into the profiles ``load_profile`` returns.
 
-    Duplicates (a message id the profile already applied) are counted and skipped.
+    Duplicates (a message id the profile already applied) are counted and skipped. An Erasure
+    Requested event drops the user's profile from the batch and records the erasure; events of
+    an erased user (``is_erased``) are counted as ``erased`` and never applied.
     ``after_event(profile, event)`` runs after each applied event (the models' per-event
     bookkeeping: cart episodes, labels, rewards). Everything runs on event time.
     """
     changed = result.changed
     counts = result.counts
+    erasures = result.erasures
     for record, parsed in events:
         user_id = parsed["user_id"]
+        if parsed["event"] == ERASURE_REQUESTED:
+            erasures[user_id] = (parsed["ts"], record.partition)
+            changed.pop(user_id, None)
+            counts[(record.topic, "ok")] += 1
+            continue
+        if user_id in erasures:
+            counts[(record.topic, "erased")] += 1
+            continue
         profile = changed.get(user_id)
         if profile is None:
-            profile = load_profile(user_id) or new_profile(user_id)
+            profile = load_profile(user_id)
+            if profile is None:
+                if is_erased is not None and is_erased(user_id):
+                    counts[(record.topic, "erased")] += 1
+                    continue
+                profile = new_profile(user_id)
         seen: list[str] = profile.setdefault(SEEN_KEY, [])
         message_id = parsed["message_id"]
         if message_id in seen:

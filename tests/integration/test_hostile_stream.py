@@ -80,6 +80,21 @@ def read_all(settings: Settings, topic: str) -> list[Any]:
     return asyncio.run(consume())
 
 
+def debug_ends(settings, topic):
+    async def go():
+        c = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(settings.broker_url))
+        await c.start()
+        try:
+            await c.topics()
+            tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic))]
+            b = await c.beginning_offsets(tps)
+            e = await c.end_offsets(tps)
+            return {tp.partition: (b[tp], e[tp]) for tp in tps}
+        finally:
+            await c.stop()
+    return asyncio.run(go())
+
+
 def event_totals(text: str) -> Counter[str]:
     """``persona_events_total`` summed over topics, by outcome."""
     totals: Counter[str] = Counter()
@@ -174,7 +189,14 @@ def test_hostile_corpus_through_the_worker(broker, redis_server, tmp_path, start
         while len(records) < n_rejected and time.monotonic() < deadline:
             time.sleep(0.5)
             records = read_all(settings, settings.topics["deadletter"])
-        assert len(records) == n_rejected, f"{len(records)} dead letters for {n_rejected} rejected"
+        got = Counter(decode_dead_letter(r.value)[0] for r in records)
+        missing = Counter(expected_reason[raw] for raw in expected_reason if raw not in got)
+        assert len(records) == n_rejected, (
+            f"{len(records)} dead letters for {n_rejected} rejected; missing: {dict(missing)}; "
+            f"DEBUG ends={debug_ends(settings, settings.topics['deadletter'])} "
+            f"parts={Counter(r.partition for r in records)} "
+            f"reread={len(read_all(settings, settings.topics['deadletter']))}"
+        )
         originals: Counter[bytes] = Counter()
         for record in records:
             original, meta = decode_dead_letter(record.value)

@@ -291,3 +291,69 @@ def test_rees46_replay_gives_profiles_equal_to_an_independent_count(
         assert sum(1 for _ in client.scan_iter(match="persona:profile:*")) == len(expected)
     finally:
         client.close()
+
+
+def test_erasure_removes_the_user_everywhere_persona_wrote(engine, redis_client) -> None:
+    from streams.backtest import read_whole_topic
+
+    settings, worker = engine
+    user = "it-erin"
+    before = [
+        event(user, "Product Added", "e1", "2024-03-01T10:00:00Z", product_id="p1", price=9.0),
+        event(user, "Order Completed", "e2", "2024-03-01T10:05:00Z", order_id="o1", revenue=9.0),
+    ]
+    send(settings, [clickstream(settings, e) for e in before])
+    wait_until(lambda: profile(redis_client, user).get("events") == "2", what="erin's profile")
+    erase = event(user, "Erasure Requested", "e3", "2024-03-01T11:00:00Z")
+    after = event(user, "Product Viewed", "e4", "2024-03-01T12:00:00Z", product_id="p2")
+    marker_user = "it-frank"
+    marker = event(marker_user, "Product Viewed", "f1", "2024-03-01T12:00:01Z", product_id="p3")
+    send(settings, [clickstream(settings, erase)])
+    wait_until(lambda: not redis_client.exists(profile_key(user)), what="erin's Redis profile gone")
+    send(settings, [clickstream(settings, after), clickstream(settings, marker)])
+    wait_until(lambda: profile(redis_client, marker_user).get("events") == "1", what="frank seen")
+
+    # Redis: no key, no lead entry, no value anywhere mentions the user.
+    assert not redis_client.exists(profile_key(user))
+    assert redis_client.zscore("persona:leads", user) is None
+    for key in redis_client.scan_iter(match="*"):
+        assert user not in key
+        if redis_client.type(key) == "hash":
+            assert user not in str(redis_client.hgetall(key))
+    # The profiles changelog ends the user's key with a deletion (compaction drops the rest),
+    # and the erasure marker is a keyed hash, not the id.
+    changelog = f"{settings.app_id}-profiles-changelog"
+
+    async def records() -> list[Any]:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(settings.broker_url))
+        await consumer.start()
+        try:
+            tps = [TopicPartition(changelog, p) for p in range(settings.partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            out: list[Any] = []
+            for tp in tps:
+                while await consumer.position(tp) < end[tp]:
+                    batch = await consumer.getmany(tp, timeout_ms=1000)
+                    out.extend(batch.get(tp, []))
+            return out
+        finally:
+            await consumer.stop()
+
+    user_records = [r for r in asyncio.run(records()) if r.key == user.encode()]
+    assert user_records and user_records[-1].value is None
+    assert not any(user.encode() in (r.key or b"") for r in asyncio.run(records()) if r.value
+                   and r.key and r.key.startswith(b"\x00erased/"))  # fmt: skip
+    # Every output topic got a tombstone for the user.
+    for kind in ("abandoned_cart", "segment_changes", "hot_leads"):
+        values = asyncio.run(read_whole_topic(settings.broker_url, settings.topics[kind]))
+        tombstones = [orjson.loads(v) for v in values if b'"tombstone"' in v]
+        assert any(t.get("user_id") == user for t in tombstones), kind
+    offers = asyncio.run(read_whole_topic(settings.broker_url, settings.topics["offers"]))
+    assert any(b'"tombstone"' in v and user.encode() not in v for v in offers)
+    # The event after the erasure was counted, not applied.
+    text = worker.scrape() or ""
+    assert 'outcome="erased"' in text
