@@ -207,6 +207,7 @@ def create_app(settings: Settings) -> Persona:
         value = orjson.dumps({"wall": time.time()})
         for partition in owned:
             await topics["ticks"].send(value=value, partition=partition)
+        metrics.set_consumer_lag(consumer_lag(persona))
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
@@ -346,24 +347,46 @@ async def train_batch(persona: Persona, events: list[EventT]) -> None:
     await persona.app.producer.flush()
 
 
+def _read_position(persona: Persona, topic: str, partition: int) -> int:
+    """Next offset this worker will read: after what it saw, or the group's committed offset."""
+    seen = persona.read_offsets.get((topic, partition))
+    committed = persona.app.consumer._committed_offset.get(TP(topic, partition)) or 0
+    return max(seen + 1 if seen is not None else 0, committed)  # Faust has no public accessor
+
+
+def _highwater(persona: Persona, topic: str, partition: int) -> int | None:
+    try:
+        return persona.app.consumer.highwater(TP(topic, partition))
+    except (AssertionError, KeyError, AttributeError):
+        return None
+
+
+def consumer_lag(persona: Persona) -> dict[tuple[str, int], int]:
+    """Messages not yet read, per input topic partition this worker owns."""
+    inputs = set(persona.settings.input_topics.values())
+    lags = {}
+    for tp in persona.app.consumer.assignment():
+        if tp.topic in inputs:
+            highwater = _highwater(persona, tp.topic, tp.partition)
+            if highwater is not None:
+                lags[(tp.topic, tp.partition)] = highwater - _read_position(
+                    persona, tp.topic, tp.partition
+                )
+    return lags
+
+
 def _caught_up(persona: Persona, partition: int) -> dict[str, bool]:
     """Per input topic: has this worker read the partition to its end (high watermark)?
 
     Read position is the larger of the last offset this worker saw and the group's committed
     offset (after a restart, a fully consumed partition delivers nothing and is caught up).
     """
-    consumer = persona.app.consumer
     caught_up = {}
     for topic in persona.ordering.topics:
-        tp = TP(topic, partition)
-        try:
-            highwater = consumer.highwater(tp)
-        except (AssertionError, KeyError, AttributeError):
-            highwater = None
-        seen = persona.read_offsets.get((topic, partition))
-        committed = consumer._committed_offset.get(tp) or 0  # Faust keeps no public accessor
-        read_to = max(seen + 1 if seen is not None else 0, committed)
-        caught_up[topic] = highwater is not None and read_to >= highwater
+        highwater = _highwater(persona, topic, partition)
+        caught_up[topic] = (
+            highwater is not None and _read_position(persona, topic, partition) >= highwater
+        )
     return caught_up
 
 

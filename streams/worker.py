@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -41,6 +42,32 @@ async def ensure_topics(settings: Settings) -> list[str]:
     )
 
 
+def check_redis_credentials(url: str) -> None:
+    """Fail fast, in one line, when Redis refuses our credentials; a Redis that is merely down
+    is not an error at start-up (the worker retries its writes with backoff)."""
+    import redis
+    from redis.exceptions import AuthenticationError, ResponseError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    refused = (
+        "Redis refused the connection's credentials: it needs a password and "
+        "PERSONA_REDIS_URL gives none or a wrong one (redis://:<password>@host:port/db)"
+    )
+    try:
+        client.ping()
+    except AuthenticationError:
+        raise AuthenticationError(refused) from None
+    except ResponseError as exc:
+        if any(word in str(exc) for word in ("NOAUTH", "WRONGPASS", "AUTH")):
+            raise AuthenticationError(refused) from None
+        raise
+    except RedisConnectionError:
+        logging.getLogger(__name__).warning("Redis is not reachable yet; writes will retry")
+    finally:
+        client.close()
+
+
 def run_worker(settings: Settings) -> None:
     """Run a worker in this process until SIGTERM or Ctrl-C."""
     import faust
@@ -48,6 +75,7 @@ def run_worker(settings: Settings) -> None:
     from streams.app import create_app
     from streams.logs import logging_config
 
+    check_redis_credentials(settings.redis_url)
     asyncio.run(ensure_topics(settings))
     persona = create_app(settings)
     worker = faust.Worker(
