@@ -14,10 +14,56 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSecurity:
+    """How every Kafka client of this process authenticates (SASL) and encrypts (SSL)."""
+
+    protocol: str = "PLAINTEXT"
+    """PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."""
+    sasl_mechanism: str = "PLAIN"
+    """PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."""
+    username: str | None = None
+    password: str | None = None
+    ssl_cafile: str | None = None
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for aiokafka's clients."""
+        if self.protocol == "PLAINTEXT":
+            return {}
+        options: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = create_ssl_context(cafile=self.ssl_cafile)
+        if self.protocol.startswith("SASL"):
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.username
+            options["sasl_plain_password"] = self.password
+        return options
+
+
+_security = KafkaSecurity()
+
+
+def configure_security(security: KafkaSecurity) -> None:
+    """Set the security every client made through this module (and :func:`client_options`) uses.
+
+    Process-wide on purpose: one process talks to one Kafka cluster with one identity.
+    """
+    global _security
+    _security = security
+
+
+def client_options() -> dict[str, Any]:
+    """Security keyword arguments for an aiokafka client of this process."""
+    return _security.client_options()
 
 
 def bootstrap_servers(broker_url: str) -> str:
@@ -40,7 +86,9 @@ async def create_topics(
 ) -> list[str]:
     """Create the topics that do not exist yet; return the names created."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers(broker_url), request_timeout_ms=int(timeout_s * 1000)
+        bootstrap_servers=bootstrap_servers(broker_url),
+        request_timeout_ms=int(timeout_s * 1000),
+        **client_options(),
     )
     await admin.start()
     try:
@@ -67,7 +115,9 @@ Message = tuple[str, bytes | None, bytes]
 
 async def send_to_partitions(broker_url: str, messages: Iterable[tuple[str, int, bytes]]) -> None:
     """Send each (topic, partition, value) to exactly that partition, acknowledged."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(broker_url), acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers(broker_url), acks="all", **client_options()
+    )
     await producer.start()
     try:
         for topic, partition, value in messages:
@@ -95,6 +145,7 @@ async def produce_all(
         max_batch_size=256 * 1024,
         acks="all",
         enable_idempotence=False,
+        **client_options(),
     )
     await producer.start()
     sent = 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -186,6 +187,13 @@ def parse_event(
         user_id = _id_str(anonymous_id)
         if not user_id:
             return Rejection(MISSING_USER_ID, "neither userId nor anonymousId is set")
+    # The user id becomes a table key and a Redis key. The worker keeps its own entries in the
+    # profiles table under keys that start with a NUL byte (streams.app.WATERMARK_KEY_PREFIX,
+    # relying on "ids are printable"), so an id such as "\u0000watermark/0" used to overwrite a
+    # partition watermark and crash ingest when that entry was loaded back as a profile (a float,
+    # not a dict). Printable ids (all normal ones) pass with a single C call.
+    if not user_id.isprintable() and _CONTROL_CHARS.search(user_id) is not None:
+        return Rejection(BAD_FIELD, "user id contains control characters")
 
     event_name = get("event")
     if call_type == "track":
@@ -344,6 +352,7 @@ def decode_dead_letter(record: bytes) -> tuple[bytes, dict[str, Any]]:
 # --- helpers ------------------------------------------------------------------------------------
 
 _ID_TYPES = frozenset({str, int, type(None)})
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
 _NUMBER_TYPES = frozenset({int, float})
 _EMPTY: dict[str, Any] = {}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -41,7 +41,7 @@ from aiokafka import TopicPartition as KafkaTopicPartition
 from faust.streams import _current_event
 from faust.types import TP, EventT
 
-from connectors.kafka import bootstrap_servers
+from connectors.kafka import KafkaSecurity, bootstrap_servers, client_options, configure_security
 from connectors.payloads import tombstone
 from connectors.redis_cache import ProfileCache
 from connectors.segment import dead_letter_record
@@ -121,11 +121,28 @@ def as_current_event(event: EventT) -> Iterator[None]:
         _current_event.reset(token)
 
 
+def broker_credentials(security: KafkaSecurity) -> Any:
+    """Faust's form of the Kafka security settings (None for PLAINTEXT)."""
+    options = security.client_options()
+    if not options:
+        return None
+    if security.protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=security.username,
+            password=security.password,
+            ssl_context=options.get("ssl_context"),
+            mechanism=security.sasl_mechanism,
+        )
+    return faust.SSLCredentials(options["ssl_context"])
+
+
 def create_app(settings: Settings) -> Persona:
     """Build the Faust app for ``settings``."""
+    configure_security(settings.kafka_security)
     app = faust.App(
         settings.app_id,
         broker=settings.broker_url,
+        broker_credentials=broker_credentials(settings.kafka_security),
         store=settings.store,
         datadir=f"{settings.data_dir}/{settings.app_id}-data",
         topic_partitions=settings.partitions,
@@ -281,7 +298,9 @@ async def follow_snapshots(persona: Persona) -> None:
     settings = persona.settings
     topic = snapshots_topic_name(settings)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers(settings.broker_url), enable_auto_commit=False
+        bootstrap_servers=bootstrap_servers(settings.broker_url),
+        enable_auto_commit=False,
+        **client_options(),
     )
     await consumer.start()
     try:

@@ -21,7 +21,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from connectors.kafka import bootstrap_servers, produce_all, send_to_partitions
+from connectors.kafka import bootstrap_servers, client_options, produce_all, send_to_partitions
 from connectors.redis_cache import ProfileCache, user_of_key
 from connectors.replay import read_log, stream_of
 from streams.app import end_of_log_ticks
@@ -51,6 +51,7 @@ def run_backtest(
     }
     if config_path is not None:
         overrides["config_path"] = str(config_path)
+
     def produce_log(settings: Settings) -> None:
         topics = settings.input_topics
         messages = [(topics[stream_of(m)], m.key or None, m.value) for m in log.messages]
@@ -128,7 +129,9 @@ async def _dump(settings: Settings, out_dir: Path) -> dict[str, Any]:
 async def read_whole_topic(broker_url: str, topic: str) -> list[bytes]:
     """Every message value of ``topic``, partition by partition, from the start to the end."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers(broker_url), enable_auto_commit=False
+        bootstrap_servers=bootstrap_servers(broker_url),
+        enable_auto_commit=False,
+        **client_options(),
     )
     await consumer.start()
     try:

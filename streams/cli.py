@@ -138,8 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from connectors.kafka import configure_security
     from connectors.replay import ReplayError
 
+    if args.command in ("simulate", "replay"):  # the others run on the embedded broker
+        configure_security(Settings.from_env().kafka_security)
     try:
         if args.command == "settings":
             return _settings(args)

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from connectors.kafka import KafkaSecurity
+
 
 class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
@@ -66,6 +68,16 @@ def _boolean(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _choice_upper(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().upper()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -86,7 +98,28 @@ SETTINGS: dict[str, Setting] = {
     "broker_url": Setting(
         "PERSONA_BROKER_URL", "kafka://localhost:9092", "Kafka bootstrap servers, Faust form"
     ),
-    "redis_url": Setting("PERSONA_REDIS_URL", "redis://localhost:6379/0", "Redis URL"),
+    "kafka_security_protocol": Setting(
+        "PERSONA_KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+        _choice_upper("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    ),
+    "kafka_sasl_mechanism": Setting(
+        "PERSONA_KAFKA_SASL_MECHANISM",
+        "PLAIN",
+        "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+        _choice_upper("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+    ),
+    "kafka_sasl_username": Setting("PERSONA_KAFKA_SASL_USERNAME", "", "SASL user"),
+    "kafka_sasl_password": Setting("PERSONA_KAFKA_SASL_PASSWORD", "", "SASL password"),
+    "kafka_ssl_cafile": Setting(
+        "PERSONA_KAFKA_SSL_CAFILE", "", "CA bundle to verify the brokers (default: system CAs)"
+    ),
+    "redis_url": Setting(
+        "PERSONA_REDIS_URL",
+        "redis://localhost:6379/0",
+        "Redis URL; redis://:<password>@host:port/db for AUTH, rediss:// for TLS",
+    ),
     "app_id": Setting(
         "PERSONA_APP_ID", "persona", "Faust app id: consumer group and internal topic prefix"
     ),
@@ -253,6 +286,11 @@ class Settings:
     """Resolved settings of one worker; build with :meth:`from_env`."""
 
     broker_url: str
+    kafka_security_protocol: str
+    kafka_sasl_mechanism: str
+    kafka_sasl_username: str
+    kafka_sasl_password: str
+    kafka_ssl_cafile: str
     redis_url: str
     app_id: str
     partitions: int
@@ -326,6 +364,16 @@ class Settings:
             if name.startswith("topic_") and name != "topic_prefix"
         }
         return cls(**values)
+
+    @property
+    def kafka_security(self) -> KafkaSecurity:
+        return KafkaSecurity(
+            protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            username=self.kafka_sasl_username or None,
+            password=self.kafka_sasl_password or None,
+            ssl_cafile=self.kafka_ssl_cafile or None,
+        )
 
     def as_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings in another process."""

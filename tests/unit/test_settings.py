@@ -43,3 +43,39 @@ def test_readme_documents_every_setting() -> None:
     assert settings_markdown() in readme, "regenerate with: persona settings --markdown"
     for setting in SETTINGS.values():
         assert setting.env in readme
+
+
+def test_kafka_security_settings_reach_the_clients_and_faust() -> None:
+    import asyncio
+    import ssl
+
+    import faust
+    from aiokafka import AIOKafkaProducer
+
+    from streams.app import broker_credentials
+
+    settings = Settings.from_env(
+        {
+            "PERSONA_KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
+            "PERSONA_KAFKA_SASL_MECHANISM": "scram-sha-512",
+            "PERSONA_KAFKA_SASL_USERNAME": "persona",
+            "PERSONA_KAFKA_SASL_PASSWORD": "pw",
+        }
+    )
+    options = settings.kafka_security.client_options()
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert isinstance(options["ssl_context"], ssl.SSLContext)
+    async def construct() -> str:
+        producer = AIOKafkaProducer(bootstrap_servers="kafka:9093", **options)  # not started
+        return producer.client._security_protocol
+
+    assert asyncio.run(construct()) == "SASL_SSL"
+    credentials = broker_credentials(settings.kafka_security)
+    assert isinstance(credentials, faust.SASLCredentials)
+    assert credentials.username == "persona"
+    plain = Settings.from_env({})
+    assert plain.kafka_security.client_options() == {}
+    assert broker_credentials(plain.kafka_security) is None
+    with pytest.raises(SettingsError, match="PERSONA_KAFKA_SECURITY_PROTOCOL"):
+        Settings.from_env({"PERSONA_KAFKA_SECURITY_PROTOCOL": "TLS"})
