@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP)
+	infra/install-prometheus.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
