@@ -111,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="end with one JSON line")
 
+    dead = commands.add_parser("dead-letter", help="work with the dead-letter topic")
+    dead_commands = dead.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    dead_replay = dead_commands.add_parser(
+        "replay", help="send dead-lettered messages back to their source topic (after a fix)"
+    )
+    dead_replay.add_argument(
+        "--reason",
+        action="append",
+        dest="reasons",
+        help="only this reason (repeatable; default: every reason)",
+    )
+    dead_replay.add_argument("--dry-run", action="store_true", help="count, send nothing")
+
     show = commands.add_parser("settings", help="print the settings (or their table)")
     show.add_argument("--markdown", action="store_true")
     return parser
@@ -141,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
     from connectors.kafka import configure_security
     from connectors.replay import ReplayError
 
-    if args.command in ("simulate", "replay"):  # the others run on the embedded broker
+    if args.command in ("simulate", "replay", "dead-letter"):  # others: the embedded broker
         configure_security(Settings.from_env().kafka_security)
     try:
         if args.command == "settings":
@@ -163,6 +176,8 @@ def _run(args: argparse.Namespace) -> int:
             return _backtest(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "dead-letter":
+            return _dead_letter_replay(args)
     except ReplayError as exc:
         raise UserError(str(exc)) from None
     raise UserError(f"unknown command {args.command}")
@@ -223,6 +238,28 @@ def _replay(args: argparse.Namespace) -> int:
             option=orjson.OPT_SORT_KEYS,
         ).decode()
     )
+    return 0
+
+
+def _dead_letter_replay(args: argparse.Namespace) -> int:
+    import orjson
+
+    from connectors.segment import REASONS
+    from streams.deadletter import replay_dead_letters
+
+    unknown = sorted(set(args.reasons or ()) - set(REASONS))
+    if unknown:
+        raise UserError(f"unknown reason {unknown[0]!r} (one of {', '.join(REASONS)})")
+    settings = Settings.from_env()
+    result = asyncio.run(
+        replay_dead_letters(
+            settings.broker_url,
+            settings.topics["deadletter"],
+            reasons=set(args.reasons) if args.reasons else None,
+            dry_run=args.dry_run,
+        )
+    )
+    print(orjson.dumps(result, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode())
     return 0
 
 
