@@ -69,6 +69,7 @@ TOO_DEEP = "too_deep"
 NOT_OBJECT = "not_object"
 UNKNOWN_TYPE = "unknown_type"
 MISSING_MESSAGE_ID = "missing_message_id"
+MAX_ID_LENGTH = 200
 MISSING_USER_ID = "missing_user_id"
 BAD_FIELD = "bad_field"
 MISSING_EVENT_NAME = "missing_event_name"
@@ -172,6 +173,8 @@ def parse_event(
         if type(message_id) is not int:
             return Rejection(BAD_FIELD, f"messageId must be a string, got {_kind(message_id)}")
         message_id = str(message_id)
+    if len(message_id) > MAX_ID_LENGTH:  # ids are remembered per user for de-duplication
+        return Rejection(BAD_FIELD, f"messageId longer than {MAX_ID_LENGTH} characters")
 
     user_id = get("userId")
     anonymous_id = get("anonymousId")

@@ -307,7 +307,7 @@ async def follow_snapshots(persona: Persona) -> None:
         partitions = consumer.partitions_for_topic(topic) or set()
         while not partitions:
             await asyncio.sleep(1.0)
-            await consumer.force_metadata_update()  # type: ignore[attr-defined]
+            await consumer.topics()  # refreshes the cluster metadata
             partitions = consumer.partitions_for_topic(topic) or set()
         tps = [KafkaTopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)

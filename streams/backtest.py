@@ -135,22 +135,24 @@ async def read_whole_topic(broker_url: str, topic: str) -> list[bytes]:
     )
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions is None:
-            await consumer.force_metadata_update()  # type: ignore[attr-defined]
-            partitions = consumer.partitions_for_topic(topic) or set()
+        await consumer.topics()  # refreshes the cluster metadata
+        partitions = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         if not tps:
             return []
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        # The embedded broker can report an end offset short of the true end (the start of the
+        # last batch + 1), so read each partition until a fetch comes back empty past it.
         end = await consumer.end_offsets(tps)
         values: list[bytes] = []
         for tp in tps:
-            while await consumer.position(tp) < end[tp]:
-                batch = await consumer.getmany(tp, timeout_ms=1000)
-                for message in batch.get(tp, []):
-                    values.append(message.value)
+            while True:
+                batch = await consumer.getmany(tp, timeout_ms=500)
+                records = batch.get(tp, [])
+                values += [message.value for message in records]
+                if not records and await consumer.position(tp) >= end[tp]:
+                    break
         return values
     finally:
         await consumer.stop()

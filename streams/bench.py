@@ -202,15 +202,21 @@ class _Poll:
             total += events_counted(text, duplicates=self.duplicates)
         return (t0 + time.monotonic()) / 2, total
 
-    def until(self, expected: int, timeout_s: float) -> Throughput:
-        """Poll until the count reaches ``expected``; the rate after the first batch."""
+    def until(self, expected: int, timeout_s: float, stall_s: float = 60.0) -> Throughput:
+        """Poll until the count reaches ``expected``; the rate after the first batch.
+
+        Fails after ``timeout_s``, or after ``stall_s`` without progress (a crashed agent leaves
+        its worker serving /metrics but consuming nothing), quoting the workers' errors.
+        """
         deadline = time.monotonic() + timeout_s
         first: tuple[float, int] | None = None
-        previous_t = time.monotonic()
+        previous_t = changed_at = time.monotonic()
         cpu_first = 0.0
-        count = 0
-        while time.monotonic() < deadline:
+        count = last = 0
+        while time.monotonic() < deadline and time.monotonic() - changed_at < stall_s:
             t, count = self.count()
+            if count != last:
+                changed_at, last = t, count
             if count > 0 and first is None:
                 first = (t, count)
                 cpu_first = sum(cpu_seconds(w.pid) for w in self.workers if w.pid)
@@ -223,10 +229,22 @@ class _Poll:
                 return Throughput((expected - first[1]) / span, span, cpu / span)
             previous_t = t
             time.sleep(max(0.0, POLL_S - (time.monotonic() - t)))
-        logs = ", ".join(str(w.log_path) for w in self.workers)
         raise BenchError(
-            f"workers counted {count} of {expected} events in {timeout_s:.0f}s; see {logs}"
+            f"workers counted {count} of {expected} events (stalled or out of time); "
+            + "; ".join(f"{w.log_path}: {_errors(w.log_path)}" for w in self.workers)
         )
+
+
+def _errors(log_path: Path, limit: int = 3) -> str:
+    """The first error lines of a worker's JSON log, shortened (an agent crash, typically)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for line in log_path.read_text(errors="replace").splitlines():
+            if '"level":"error"' in line:
+                found.append(line[:400])
+                if len(found) >= limit:
+                    break
+    return " | ".join(found) or "no error logged"
 
 
 # -- the runs -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ disturbs a worker and can be repeated. Replaying twice re-sends the same message
 de-duplicated by ``messageId`` in the worker, so that is harmless.
 
 Order is deterministic: dead-letter partitions in ascending order, offsets in ascending order
-within each, and the sends of one replay are acknowledged in that order per target partition.
+within each; the sends keep that order within each target partition.
 
 >>> from connectors.segment import dead_letter_record
 >>> record = dead_letter_record(b"{oops", topic="clickstream", partition=2, offset=9,
@@ -35,7 +35,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from connectors.kafka import bootstrap_servers
+from connectors.kafka import bootstrap_servers, client_options
 from connectors.segment import decode_dead_letter
 
 __all__ = ["INVALID", "Replay", "plan_replay", "replay_dead_letters"]
@@ -97,88 +97,91 @@ async def replay_dead_letters(
     to its source topic and partition (by key when that partition no longer exists) with the key
     of the dead-letter message. ``timeout_s`` bounds reading each partition.
 
-    Returns ``{"read", "matched", "replayed", "by_reason", "end_offsets"}``: messages read,
-    those whose reason matched, those sent (0 on a dry run), read messages per reason
-    (:data:`INVALID` for messages that are not dead-letter records) and the end offset of each
-    dead-letter partition when the replay started.
+    The whole range is read before anything is sent, so nothing this replay sends can be
+    rejected again and read back in the same run. Returns ``{"read", "matched", "replayed",
+    "by_reason", "end_offsets"}``: messages read, those whose reason matched, those sent (0 on a
+    dry run), read messages per reason (:data:`INVALID` for messages that are not dead-letter
+    records) and, per dead-letter partition, the offset after the last message read.
     """
     wanted = frozenset(reasons) if reasons is not None else None
     servers = bootstrap_servers(broker_url)
+    by_reason: Counter[str] = Counter()
+    end_offsets: dict[int, int] = {}
+    plans: list[Replay] = []  # matched, in (partition, offset) order
+    read = 0
     consumer = AIOKafkaConsumer(
         bootstrap_servers=servers,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        **client_options(),
     )
-    producer = None
-    if not dry_run:
-        producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all")
-    read = matched = replayed = 0
-    by_reason: Counter[str] = Counter()
-    end_offsets: dict[int, int] = {}
-    target_partitions: dict[str, frozenset[int]] = {}
     await consumer.start()
     try:
-        if producer is not None:
-            await producer.start()
         await consumer.topics()  # fetches the cluster metadata
         partitions = consumer.partitions_for_topic(deadletter_topic)
         if not partitions:
             raise ValueError(f"dead-letter topic {deadletter_topic!r} does not exist")
         tps = [TopicPartition(deadletter_topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
-        # The end is fixed now: dead letters produced during the replay (a replayed message
-        # rejected again) are left for the next replay instead of looping.
+        # The end is taken now: later dead letters are left for the next replay. No record is
+        # filtered by offset against it, though: the embedded broker (Tansu) answers ListOffsets
+        # with the base offset of the last *batch* + 1, below the true end, so the last fetched
+        # batch is kept whole and the position after it is the end reported.
         ends = await consumer.end_offsets(tps)
         starts = await consumer.beginning_offsets(tps)
-        end_offsets = {tp.partition: ends[tp] for tp in tps}
+        loop = asyncio.get_running_loop()
         for tp in tps:
             start = max(starts[tp], (since_offsets or {}).get(tp.partition, 0))
+            end_offsets[tp.partition] = start
             if start >= ends[tp]:
                 continue
             consumer.seek(tp, start)
-            pending: list[asyncio.Future[Any]] = []
-            deadline = asyncio.get_running_loop().time() + timeout_s
+            deadline = loop.time() + timeout_s
             while await consumer.position(tp) < ends[tp]:
-                if asyncio.get_running_loop().time() > deadline:
+                if loop.time() > deadline:
                     raise TimeoutError(
                         f"reading {tp.topic}[{tp.partition}] did not reach offset {ends[tp]} "
                         f"within {timeout_s:.0f}s"
                     )
                 batch = await consumer.getmany(tp, timeout_ms=500)
                 for message in batch.get(tp, []):
-                    if message.offset >= ends[tp]:
-                        break
                     read += 1
                     plan = plan_replay(message.value, key=message.key, reasons=wanted)
                     by_reason[plan.reason] += 1
-                    if not plan.matched:
-                        continue
-                    matched += 1
-                    if producer is None:
-                        continue
-                    assert plan.topic is not None
-                    if plan.topic not in target_partitions:
-                        known = await producer.partitions_for(plan.topic)
-                        target_partitions[plan.topic] = frozenset(known or ())
-                    partition = plan.partition
-                    if partition not in target_partitions[plan.topic]:
-                        partition = None  # the topic shrank or was recreated: partition by key
-                    pending.append(
-                        await producer.send(
-                            plan.topic, value=plan.value, key=plan.key, partition=partition
-                        )
-                    )
-            if pending:
-                await asyncio.gather(*pending)
-                replayed += len(pending)
+                    if plan.matched:
+                        plans.append(plan)
+            end_offsets[tp.partition] = await consumer.position(tp)
     finally:
-        if producer is not None:
-            await producer.stop()
         await consumer.stop()
+
+    replayed = 0
+    if plans and not dry_run:
+        producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", **client_options())
+        await producer.start()
+        try:
+            target_partitions: dict[str, frozenset[int]] = {}
+            pending: list[asyncio.Future[Any]] = []
+            for plan in plans:
+                assert plan.topic is not None
+                if plan.topic not in target_partitions:
+                    known = await producer.partitions_for(plan.topic)
+                    target_partitions[plan.topic] = frozenset(known or ())
+                partition = plan.partition
+                if partition not in target_partitions[plan.topic]:
+                    partition = None  # the topic shrank or was recreated: partition by key
+                pending.append(
+                    await producer.send(
+                        plan.topic, value=plan.value, key=plan.key, partition=partition
+                    )
+                )
+            await asyncio.gather(*pending)
+            replayed = len(pending)
+        finally:
+            await producer.stop()
     return {
         "read": read,
-        "matched": matched,
+        "matched": len(plans),
         "replayed": replayed,
         "by_reason": dict(sorted(by_reason.items())),
         "end_offsets": end_offsets,

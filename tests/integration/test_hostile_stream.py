@@ -54,7 +54,11 @@ def good_event(user: str, i: int) -> bytes:
 
 
 def read_all(settings: Settings, topic: str) -> list[Any]:
-    """Every message of ``topic`` now, in (partition, offset) order."""
+    """Every message of ``topic`` now, in (partition, offset) order.
+
+    Reads each partition until its position passes the end offset, keeping whole batches: the
+    embedded broker reports the base offset of the last batch + 1 as the end, not the true end.
+    """
 
     async def consume() -> list[Any]:
         consumer = AIOKafkaConsumer(
@@ -72,27 +76,12 @@ def read_all(settings: Settings, topic: str) -> list[Any]:
             for tp in tps:
                 while await consumer.position(tp) < end[tp]:
                     batch = await consumer.getmany(tp, timeout_ms=1000)
-                    out.extend(m for m in batch.get(tp, []) if m.offset < end[tp])
+                    out.extend(batch.get(tp, []))  # no offset filter: see below
             return out
         finally:
             await consumer.stop()
 
     return asyncio.run(consume())
-
-
-def debug_ends(settings, topic):
-    async def go():
-        c = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(settings.broker_url))
-        await c.start()
-        try:
-            await c.topics()
-            tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic))]
-            b = await c.beginning_offsets(tps)
-            e = await c.end_offsets(tps)
-            return {tp.partition: (b[tp], e[tp]) for tp in tps}
-        finally:
-            await c.stop()
-    return asyncio.run(go())
 
 
 def event_totals(text: str) -> Counter[str]:
@@ -159,9 +148,10 @@ def test_hostile_corpus_through_the_worker(broker, redis_server, tmp_path, start
     n_good = len(GOOD_USERS) * EVENTS_PER_USER
     n_rejected = len(expected_reason)
     sent = len(messages)
-    assert n_good == 48 and RESENT == 6
-    assert sent == n_good + RESENT + len(hostile) == n_good + RESENT + n_rejected + accepted
-    assert n_rejected >= 80 and accepted >= 15
+    # 48 good + 6 resent + 124 hostile (102 to reject, 22 valid) = 178 messages sent. (The corpus
+    # has 127 cases: the duplicate case is covered by the resends, the 1 MB ones are not sent.)
+    assert (n_good, RESENT, n_rejected, accepted) == (48, 6, 102, 22)
+    assert sent == n_good + RESENT + n_rejected + accepted == 178
     asyncio.run(produce_all(settings.broker_url, messages))
 
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
@@ -189,13 +179,10 @@ def test_hostile_corpus_through_the_worker(broker, redis_server, tmp_path, start
         while len(records) < n_rejected and time.monotonic() < deadline:
             time.sleep(0.5)
             records = read_all(settings, settings.topics["deadletter"])
-        got = Counter(decode_dead_letter(r.value)[0] for r in records)
-        missing = Counter(expected_reason[raw] for raw in expected_reason if raw not in got)
+        seen = {decode_dead_letter(r.value)[0] for r in records}
+        missing = Counter(reason for raw, reason in expected_reason.items() if raw not in seen)
         assert len(records) == n_rejected, (
-            f"{len(records)} dead letters for {n_rejected} rejected; missing: {dict(missing)}; "
-            f"DEBUG ends={debug_ends(settings, settings.topics['deadletter'])} "
-            f"parts={Counter(r.partition for r in records)} "
-            f"reread={len(read_all(settings, settings.topics['deadletter']))}"
+            f"{len(records)} dead letters for {n_rejected} rejected; missing: {dict(missing)}"
         )
         originals: Counter[bytes] = Counter()
         for record in records:
