@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -52,11 +52,14 @@ class ProfileCache:
         *,
         max_backoff_s: float = 5.0,
         socket_timeout_s: float = 5.0,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
         self.client = aioredis.Redis.from_url(
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
         )
         self.max_backoff_s = max_backoff_s
+        self.on_error = on_error
+        """Called at each failed attempt, while the outage lasts (for a metric)."""
         self.write_errors = 0
         self.last_write_s = 0.0
 
@@ -88,6 +91,8 @@ class ProfileCache:
                     await pipe.execute()
             except RETRYABLE as exc:
                 self.write_errors += 1
+                if self.on_error is not None:
+                    self.on_error()
                 log.warning(
                     "redis write of %d profiles failed (%s); retrying in %.2fs",
                     len(summaries),

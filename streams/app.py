@@ -169,7 +169,7 @@ def create_app(settings: Settings) -> Persona:
         ),
     )
     metrics = Metrics()
-    cache = ProfileCache(settings.redis_url)
+    cache = ProfileCache(settings.redis_url, on_error=metrics.redis_errors.inc)
     profiles = app.Table(
         "profiles", partitions=settings.partitions, key_type=bytes, value_type=bytes
     )
@@ -610,14 +610,12 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         for partition in event_of_partition
         for segment, count in persona.segment_counts.get(partition, Counter()).items()
     }
-    errors_before = persona.cache.write_errors
     redis_started = time.perf_counter()
     await persona.cache.write_profiles(
         outputs.redis_fields, lead_scores=outputs.lead_scores, segment_sizes=segment_sizes
     )
     await persona.cache.erase(list(result.erasures))
     metrics.redis_write_seconds.observe(time.perf_counter() - redis_started)
-    metrics.redis_errors.inc(persona.cache.write_errors - errors_before)
     metrics.profile_writes.inc(len(outputs.redis_fields))
     metrics.observe_latency("redis_written", produced_at)
 
