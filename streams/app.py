@@ -30,7 +30,7 @@ import math
 import time
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,8 @@ WATERMARK_KEY_PREFIX = b"\x00watermark/"
 ERASED_KEY_PREFIX = b"\x00erased/"
 """Table keys marking erased users, by keyed hash of the id (the raw id is forgotten)."""
 PARTITION_FIELD = "partition"
+EXAMPLES_PER_MESSAGE = 200
+"""Training examples per message: well under Kafka's default 1 MB message limit."""
 
 
 @dataclass(slots=True)
@@ -136,6 +138,32 @@ def broker_credentials(security: KafkaSecurity) -> Any:
     return faust.SSLCredentials(options["ssl_context"])
 
 
+async def _or_crash(app: faust.App, work: Awaitable[None]) -> None:
+    """Run a batch; if it fails, stop the whole worker with an error instead of letting Faust
+    keep a worker alive whose agent died (it would serve /metrics and consume nothing). The
+    batch is not acknowledged, so a restarted worker processes it again."""
+    try:
+        await work
+    except Exception as exc:
+        log.critical("batch failed, stopping the worker: %r", exc, exc_info=True)
+        await app.crash(exc)
+        raise
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The models a worker with ``settings`` serves (also what the benchmark's ceiling runs)."""
+    return Engine(
+        load_config(settings.config_path or None),
+        EngineOptions(
+            consent_default=settings.consent_default == "allow",
+            lead_horizon_s=settings.lead_horizon_days * 86400.0,
+            attribution_window_s=settings.attribution_window_hours * 3600.0,
+            holdout_share=settings.holdout_share,
+            pseudonym_secret=settings.pseudonym_secret,
+        ),
+    )
+
+
 def create_app(settings: Settings) -> Persona:
     """Build the Faust app for ``settings``."""
     configure_security(settings.kafka_security)
@@ -157,17 +185,7 @@ def create_app(settings: Settings) -> Persona:
         autodiscover=False,
         stream_wait_empty=False,
     )
-    config = load_config(settings.config_path or None)
-    engine = Engine(
-        config,
-        EngineOptions(
-            consent_default=settings.consent_default == "allow",
-            lead_horizon_s=settings.lead_horizon_days * 86400.0,
-            attribution_window_s=settings.attribution_window_hours * 3600.0,
-            holdout_share=settings.holdout_share,
-            pseudonym_secret=settings.pseudonym_secret,
-        ),
-    )
+    engine = build_engine(settings)
     metrics = Metrics()
     cache = ProfileCache(settings.redis_url, on_error=metrics.redis_errors.inc)
     profiles = app.Table(
@@ -205,12 +223,12 @@ def create_app(settings: Settings) -> Persona:
     @app.agent(inputs, name="ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
         async for events in stream.take_events(settings.batch_size, settings.batch_within_s):
-            await process_batch(persona, events)
+            await _or_crash(app, process_batch(persona, events))
 
     @app.agent(topics["training_examples"], name="trainer")
     async def trainer(stream: faust.StreamT[bytes]) -> None:
         async for events in stream.take_events(settings.batch_size, settings.batch_within_s):
-            await train_batch(persona, events)
+            await _or_crash(app, train_batch(persona, events))
 
     @app.task
     async def snapshots_follower() -> None:
@@ -632,9 +650,11 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     for model, example in outputs.examples:
         by_model.setdefault(model, []).append(example)
     for model, examples in by_model.items():
-        await persona.topics["training_examples"].send(
-            key=model.encode(), value=orjson.dumps({"model": model, "examples": examples})
-        )
+        for start in range(0, len(examples), EXAMPLES_PER_MESSAGE):
+            chunk = examples[start : start + EXAMPLES_PER_MESSAGE]
+            await persona.topics["training_examples"].send(
+                key=model.encode(), value=orjson.dumps({"model": model, "examples": chunk})
+            )
     for (offer_id, policy, reason), count in outputs.decisions.items():
         metrics.offer_decisions.labels(offer=offer_id, policy=policy, reason=reason).inc(count)
     for (kind, reason), count in outputs.suppressed.items():

@@ -52,7 +52,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +65,9 @@ from connectors.embedded import stop_process_group as _stop_group
 from connectors.kafka import Message, bootstrap_servers, produce_all
 from connectors.redis_cache import ProfileCache
 from connectors.simulator import ShopperSimulator
-from models.config import load_config
+from streams.app import build_engine
 from streams.clock import PartitionClocks, TimerIndex
-from streams.engine import TRIGGERS_KEY, Engine, EngineOptions, Outputs, now_for
+from streams.engine import TRIGGERS_KEY, Outputs, now_for
 from streams.ingest import BatchResult, Record, apply_events, parse_records
 from streams.ordering import ReorderBuffer
 from streams.settings import Settings
@@ -94,6 +94,8 @@ class Throughput:
     seconds: float
     cpu_cores: float | None = None
     """CPU time of the contender's process over the window, in cores (1.0 = one core busy)."""
+    others_cores: dict[str, float] = field(default_factory=dict)
+    """CPU of the other processes watched over the same window (broker, Redis), in cores."""
 
 
 # -- the machine and the processes ----------------------------------------------------------
@@ -189,6 +191,8 @@ class _Poll:
 
     workers: Sequence[WorkerProcess]
     duplicates: bool = True
+    others: dict[str, int] = field(default_factory=dict)
+    """Other processes (name → pid) whose CPU over the window is reported too."""
 
     def count(self) -> tuple[float, int]:
         t0 = time.monotonic()
@@ -212,6 +216,7 @@ class _Poll:
         first: tuple[float, int] | None = None
         previous_t = changed_at = time.monotonic()
         cpu_first = 0.0
+        others_first: dict[str, float] = {}
         count = last = 0
         while time.monotonic() < deadline and time.monotonic() - changed_at < stall_s:
             t, count = self.count()
@@ -220,13 +225,16 @@ class _Poll:
             if count > 0 and first is None:
                 first = (t, count)
                 cpu_first = sum(cpu_seconds(w.pid) for w in self.workers if w.pid)
+                others_first = {name: cpu_seconds(pid) for name, pid in self.others.items()}
             if count >= expected and first is not None:
                 cpu = sum(cpu_seconds(w.pid) for w in self.workers if w.pid) - cpu_first
+                others = {n: cpu_seconds(pid) - others_first[n] for n, pid in self.others.items()}
                 end = (previous_t + t) / 2 if count > first[1] else t
                 span = end - first[0]
                 if span <= 0:  # everything in the first batch: no window to measure
                     return Throughput(0.0, 0.0)
-                return Throughput((expected - first[1]) / span, span, cpu / span)
+                others_cores = {n: round(c / span, 2) for n, c in others.items()}
+                return Throughput((expected - first[1]) / span, span, cpu / span, others_cores)
             previous_t = t
             time.sleep(max(0.0, POLL_S - (time.monotonic() - t)))
         raise BenchError(
@@ -273,20 +281,6 @@ def _settings(
     )
     asyncio.run(ensure_topics(settings))
     return settings
-
-
-def build_engine(settings: Settings) -> Engine:
-    """The engine a worker with ``settings`` builds (as ``streams.app.create_app`` does)."""
-    return Engine(
-        load_config(settings.config_path or None),
-        EngineOptions(
-            consent_default=settings.consent_default == "allow",
-            lead_horizon_s=settings.lead_horizon_days * 86400.0,
-            attribution_window_s=settings.attribution_window_hours * 3600.0,
-            holdout_share=settings.holdout_share,
-            pseudonym_secret=settings.pseudonym_secret,
-        ),
-    )
 
 
 def _routed(settings: Settings, raw: Iterator[tuple[str, bytes, bytes]], n: int) -> list[Message]:
@@ -448,7 +442,7 @@ def _faust_count(settings: Settings, expected: int, data_dir: Path, timeout_s: f
         else:
             raise BenchError(f"faust count got {report.get('count', 0)} of {expected}; see {log}")
         span = report["last_at"] - report["first_at"]
-        return Throughput(report["events_per_s"] or 0.0, span)
+        return Throughput(report["events_per_s"] or 0.0, span, report.get("cpu_cores"))
     finally:
         _stop_group(proc, 15.0)
 
@@ -576,6 +570,7 @@ def run_bench(
         del messages
         result["events"] = n
         result["batch_size"] = base.batch_size
+        servers_pids = {"broker": broker.pid or 0, "redis": redis.pid or 0}
 
         # 1. the ceiling
         ceiling_settings = _settings(broker, redis, data_dir, "ceiling", partitions)
@@ -587,18 +582,20 @@ def run_bench(
         count_settings = _settings(broker, redis, data_dir, "count", partitions)
         count = _faust_count(count_settings, n, data_dir / "count", timeout_s)
         result["faust_count_events_per_s"] = round(count.events_per_s, 1)
+        result["faust_count_cpu_cores"] = _round(count.cpu_cores)
 
         # 3. two workers, before the latency run adds events to the topics
         if workers == 2:
             two_settings = _settings(broker, redis, data_dir, "engine2", partitions)
             with _engine_workers(two_settings, 2) as pair:
-                two = _Poll(pair, duplicates=False).until(n, timeout_s)
+                two = _Poll(pair, duplicates=False, others=servers_pids).until(n, timeout_s)
                 texts = [w.scrape() or "" for w in pair]
                 result["two_worker_redelivered"] = sum(events_counted(t) for t in texts) - sum(
                     events_counted(t, duplicates=False) for t in texts
                 )
             result["two_worker_events_per_s"] = round(two.events_per_s, 1)
             result["two_worker_cpu_cores"] = _round(two.cpu_cores)
+            result["two_worker_broker_cpu_cores"] = two.others_cores.get("broker")
 
         # 4. the engine, then 5. its latency at half that rate
         engine_settings = _settings(broker, redis, data_dir, "engine", partitions)
@@ -607,13 +604,15 @@ def run_bench(
             rss_start = rss_kib(worker.pid)
             profiler = _Profiler(worker.pid, profile_path) if profile_path else None
             try:
-                engine = _Poll([worker]).until(n, timeout_s)
+                engine = _Poll([worker], others=servers_pids).until(n, timeout_s)
             finally:
                 recorded = profiler.stop() if profiler else None
             rss_end = rss_kib(worker.pid)
             profiles = asyncio.run(_count_profiles(engine_settings.redis_url))
             result["engine_events_per_s"] = round(engine.events_per_s, 1)
             result["engine_cpu_cores"] = _round(engine.cpu_cores)
+            result["broker_cpu_cores"] = engine.others_cores.get("broker")
+            result["redis_cpu_cores"] = engine.others_cores.get("redis")
             result["engine_seconds"] = round(engine.seconds, 2)
             result["profiles"] = profiles
             result["rss_start_mb"] = round(rss_start / 1024, 1)
@@ -629,9 +628,12 @@ def run_bench(
             duration = min(max(engine.seconds, 5.0), max(latency_s, 5.0))
             paced = _routed(engine_settings, raw, max(int(rate * duration), 100))
             before = latency_buckets(worker.scrape() or "")
+            cpu_before, started = cpu_seconds(worker.pid), time.monotonic()
             asyncio.run(produce_all(engine_settings.broker_url, paced, rate_per_s=rate))
             _Poll([worker]).until(n + len(paced), timeout_s)
             after = latency_buckets(worker.scrape() or "")
+            busy = (cpu_seconds(worker.pid) - cpu_before) / (time.monotonic() - started)
+            result["latency_cpu_cores"] = round(busy, 2)
             diff = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
             p50, p99 = histogram_quantile(0.5, diff), histogram_quantile(0.99, diff)
             result["latency_events"] = len(paced)
@@ -663,22 +665,26 @@ def format_report(result: dict[str, Any]) -> str:
         f"  ceiling (aiokafka + same per-batch work) {result['ceiling_events_per_s']:>10,.0f} "
         f"events/s  ({_cores(result.get('ceiling_cpu_cores'))})",
         f"  engine  (persona worker, 1 process)      {result['engine_events_per_s']:>10,.0f} "
-        f"events/s  ({_cores(result.get('engine_cpu_cores'))})  ratio {result['ratio']:.2f}",
+        f"events/s  ({_cores(result.get('engine_cpu_cores'))}; broker "
+        f"{_cores(result.get('broker_cpu_cores'))}, Redis {_cores(result.get('redis_cpu_cores'))})"
+        f"  ratio {result['ratio']:.2f}",
         f"  faust count (take_events(1000) only)     {result['faust_count_events_per_s']:>10,.0f} "
-        "events/s",
+        f"events/s  ({_cores(result.get('faust_count_cpu_cores'))})",
     ]
     if result.get("two_worker_events_per_s") is not None:
         lines.append(
             f"  engine, 2 workers                        "
             f"{result['two_worker_events_per_s']:>10,.0f} events/s  "
-            f"({_cores(result.get('two_worker_cpu_cores'))})  scale "
+            f"({_cores(result.get('two_worker_cpu_cores'))}; broker "
+            f"{_cores(result.get('two_worker_broker_cpu_cores'))})  scale "
             f"{result['scale_ratio']:.2f} x one worker, "
             f"{result.get('two_worker_redelivered', 0)} re-delivered"
         )
     p50, p99 = result.get("p50_ms"), result.get("p99_ms")
     lines += [
         f"  latency produce → Redis at {result['latency_rate_per_s']:,.0f} events/s (half the "
-        f"engine's rate, {result['latency_events']} events): p50 {_ms(p50)}, p99 {_ms(p99)}",
+        f"engine's rate, {result['latency_events']} events): p50 {_ms(p50)}, p99 {_ms(p99)} "
+        f"({_cores(result.get('latency_cpu_cores'))})",
         f"  memory: {result['rss_mb_per_100k_profiles']:.0f} MiB RSS per 100k profiles "
         f"({result['rss_start_mb']:.0f} → {result['rss_end_mb']:.0f} MiB for "
         f"{result['profiles']} profiles)",

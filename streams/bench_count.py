@@ -5,10 +5,11 @@ that reads the given topics with ``take_events(1000, within)`` and counts what i
 any Faust agent reading those topics in batches can do on this broker, before doing any work. It
 is configured by environment variables and reports through a JSON file (written atomically, about
 once a second and when the count reaches ``PERSONA_BENCH_EXPECTED``):
-``{"count", "first_at", "first_count", "last_at", "done", "events_per_s"}``, times from the
-system-wide monotonic clock, ``events_per_s`` = (count - first_count) / (last_at - first_at), i.e.
-from the end of the first batch to the end of the batch that completed the count (the same
-definition ``streams.bench`` uses for every contender).
+``{"count", "first_at", "first_count", "last_at", "done", "events_per_s", "cpu_cores"}``: times
+from the system-wide monotonic clock, ``events_per_s`` = (count - first_count) / (last_at -
+first_at), i.e. from the end of the first batch to the end of the batch that completed the count
+(the definition ``streams.bench`` uses for every contender); ``cpu_cores`` is this process's CPU
+time over that window, in cores.
 
 | variable | meaning |
 |---|---|
@@ -67,24 +68,27 @@ def main(env: Mapping[str, str] | None = None) -> None:
     source = app.topic(*topics, key_serializer="raw", value_serializer="raw")
     report: dict[str, Any] = {
         "count": 0, "first_at": None, "first_count": 0, "last_at": None,
-        "done": False, "events_per_s": None,
+        "done": False, "events_per_s": None, "cpu_cores": None,
     }  # fmt: skip
+    cpu_first = 0.0
     written_at = 0.0
 
     @app.agent(source, name="count")
     async def count(stream: Any) -> None:
-        nonlocal written_at
+        nonlocal written_at, cpu_first
         async for events in stream.take_events(batch, within):
             now = time.monotonic()
             report["count"] += len(events)
             if report["first_at"] is None:
                 report["first_at"], report["first_count"] = now, report["count"]
+                cpu_first = time.process_time()
             report["last_at"] = now
             if not report["done"] and report["count"] >= expected:
                 report["done"] = True
                 span = now - report["first_at"]
                 counted = report["count"] - report["first_count"]
                 report["events_per_s"] = counted / span if span > 0 else None
+                report["cpu_cores"] = (time.process_time() - cpu_first) / span if span > 0 else None
                 _write(out, report)
             elif now - written_at >= 1.0:
                 written_at = now

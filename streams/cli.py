@@ -111,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="end with one JSON line")
 
+    bench = commands.add_parser(
+        "bench", help="throughput against a plain-aiokafka ceiling, latency, memory"
+    )
+    bench.add_argument("--events", type=_positive_int, default=60_000)
+    bench.add_argument("--users", type=_positive_int, default=10_000)
+    bench.add_argument("--seed", type=int, default=7)
+    bench.add_argument("--workers", type=int, choices=(1, 2), default=1)
+    bench.add_argument("--partitions", type=_positive_int, default=4)
+    bench.add_argument("--profile", type=Path, help="py-spy raw profile of the engine worker")
+    bench.add_argument("--json", action="store_true", help="end with one JSON line")
+
     dead = commands.add_parser("dead-letter", help="work with the dead-letter topic")
     dead_commands = dead.add_subparsers(dest="action", required=True, parser_class=_Parser)
     dead_replay = dead_commands.add_parser(
@@ -178,6 +189,8 @@ def _run(args: argparse.Namespace) -> int:
             return _evaluate(args)
         if args.command == "dead-letter":
             return _dead_letter_replay(args)
+        if args.command == "bench":
+            return _bench(args)
     except ReplayError as exc:
         raise UserError(str(exc)) from None
     raise UserError(f"unknown command {args.command}")
@@ -238,6 +251,25 @@ def _replay(args: argparse.Namespace) -> int:
             option=orjson.OPT_SORT_KEYS,
         ).decode()
     )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import orjson
+
+    from streams.bench import format_report, run_bench
+
+    result = run_bench(
+        args.events,
+        users=args.users,
+        seed=args.seed,
+        workers=args.workers,
+        partitions=args.partitions,
+        profile_path=args.profile,
+    )
+    print(format_report(result))
+    if args.json:
+        print(orjson.dumps(result, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode())
     return 0
 
 
