@@ -110,7 +110,7 @@ def on_scored(
     for snap in pending:
         if abs(ts - snap["ts"]) < min_gap_s:
             return False
-    features = {name: round(value, 5) for name, value in features.items()}  # compact state
+    features = {name: round(value, 4) for name, value in features.items()}  # compact state
     snap = {"ts": ts, "due": ts + horizon_s, "key": _key(user_id, ts, features),
             "features": features}  # fmt: skip
     if score is not None:

@@ -512,7 +512,8 @@ def record(
     keep = [h for h in history[-MAX_HISTORY:] if h[1] > newest - horizon_s]
     history[:] = keep
     pending.append({"decision_id": did, "offer_id": oid, "ts": ts,
-                    "context": list(decision["context"]), "propensity": decision["propensity"],
+                    "context": [round(float(v), 4) for v in decision["context"]],
+                    "propensity": decision["propensity"],
                     "policy": decision["policy"]})  # fmt: skip
     evicted = []
     while len(pending) > MAX_PENDING:

@@ -193,7 +193,7 @@ SETTINGS: dict[str, Setting] = {
     ),
     "dedupe_window": Setting(
         "PERSONA_DEDUPE_WINDOW",
-        256,
+        128,
         "message ids remembered per user for de-duplication",
         _positive_int,
     ),
