@@ -178,10 +178,7 @@ def create_app(settings: Settings) -> Persona:
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_s,
         consumer_auto_offset_reset="earliest",
-        # Fewer, larger produce requests: a batch writes hundreds of changelog records at once.
-        producer_linger_ms=5,
-        producer_max_batch_size=512 * 1024,
-        producer_max_request_size=4 * 1024 * 1024,
+
         web_enabled=True,
         web_host=settings.web_host,
         web_bind=settings.web_host,

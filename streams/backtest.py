@@ -23,10 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.kafka import bootstrap_servers, client_options, produce_all, send_to_partitions
 from connectors.redis_cache import ProfileCache, user_of_key
-from connectors.replay import read_log, stream_of
+from connectors.replay import ReplayMessage, read_log, stream_of
+from connectors.segment import Rejection, parse_event
 from streams.app import end_of_log_ticks
 from streams.demo import EngineStats
-from streams.local import local_stack
+from streams.local import LocalStack, local_stack
 from streams.settings import Settings
 
 
@@ -63,6 +64,7 @@ def run_backtest(
         deadline = time.monotonic() + timeout_s
         consumed = 0
         while time.monotonic() < deadline:
+            _check_alive(stack)
             text = stack.worker.scrape()
             consumed = EngineStats.from_exposition(text).consumed if text else consumed
             if consumed >= expected:
@@ -74,9 +76,10 @@ def run_backtest(
                 f"in {timeout_s:.0f}s; see {stack.worker.log_path}"
             )
         # The log is over: event time reached its last event on every partition.
-        end_of_log = max((m.ts for m in log.messages), default=0.0)
+        end_of_log = last_valid_event_time(log.messages, settings)
         asyncio.run(send_to_partitions(settings.broker_url, end_of_log_ticks(settings, end_of_log)))
         while time.monotonic() < deadline:
+            _check_alive(stack)
             text = stack.worker.scrape() or ""
             if _watermarks_reached(text, settings.partitions, end_of_log):
                 break
@@ -91,6 +94,30 @@ def run_backtest(
     counts["events"] = len(log.messages)
     counts["rejected_rows"] = dict(log.rejected)
     return counts
+
+
+def last_valid_event_time(messages: list[ReplayMessage], settings: Settings) -> float:
+    """The latest event time the engine accepted: the end of the log in event time (a hostile
+    line's absurd timestamp, dead-lettered by the engine, must not move the clocks)."""
+    now = time.time()
+    latest = 0.0
+    for message in messages:
+        event = parse_event(
+            message.value,
+            now=now,
+            max_bytes=settings.max_event_bytes,
+            max_future_s=settings.max_future_s,
+        )
+        if not isinstance(event, Rejection):
+            latest = max(latest, event["ts"])
+    return latest
+
+
+def _check_alive(stack: LocalStack) -> None:
+    if not stack.worker.running:
+        raise RuntimeError(
+            f"backtest: the worker stopped; last log lines:\n{stack.worker.log_tail()}"
+        )
 
 
 def _watermarks_reached(exposition: str, partitions: int, event_time: float) -> bool:
