@@ -276,6 +276,11 @@ class Engine:
         out.decisions[(offer_id, decision["policy"], decision["reason"])] += 1
         if decision["channel"] != "ads":
             return  # email and onsite offers are served from the Redis profile
+        if decision["policy"] == "control":
+            # The holdout's control is "no targeted ads": its ad offers are recorded (so their
+            # conversions measure the baseline) but never sent to the ad platforms.
+            out.suppressed[("offer", "holdout")] += 1
+            return
         payload = offer_payload(
             profile,
             secret=self.options.pseudonym_secret,
