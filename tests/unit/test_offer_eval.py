@@ -10,15 +10,15 @@ intervals, no round scored after learning from itself).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from models import offer_eval
 from models.offer_eval import N_ITEMS, evaluate_open_bandit, find_log, load_log
+from tests.conftest import DATASETS
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "open_bandit_dataset"
+DATA = DATASETS / "open_bandit_dataset"
 
 pytestmark = pytest.mark.skipif(
     not (DATA / "random" / "all" / "all.csv").exists(), reason="Open Bandit Dataset not present"

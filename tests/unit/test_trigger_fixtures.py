@@ -31,6 +31,7 @@ from models.triggers import (
     new_state,
     on_event,
 )
+from tests.conftest import DATASETS
 from tests.unit.trigger_expectations import (
     abandonments,
     expected_abandoned_carts_otto,
@@ -38,7 +39,7 @@ from tests.unit.trigger_expectations import (
     read_otto_rows,
 )
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "clickstream_samples"
+SAMPLES = DATASETS / "clickstream_samples"
 REES46 = SAMPLES / "rees46_2019-Oct_first1000.csv"
 OTTO = SAMPLES / "otto_train_first20sessions.jsonl"
 
