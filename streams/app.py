@@ -178,7 +178,6 @@ def create_app(settings: Settings) -> Persona:
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_s,
         consumer_auto_offset_reset="earliest",
-
         web_enabled=True,
         web_host=settings.web_host,
         web_bind=settings.web_host,
@@ -385,6 +384,15 @@ async def train_batch(persona: Persona, events: list[EventT]) -> None:
     await persona.app.producer.flush()
 
 
+def _expected_offset(persona: Persona, topic: str, partition: int) -> int | None:
+    """The next offset this worker should receive on an input topic partition, if known."""
+    seen = persona.read_offsets.get((topic, partition))
+    if seen is not None:
+        return seen + 1
+    committed: int | None = persona.app.consumer._committed_offset.get(TP(topic, partition))
+    return committed
+
+
 def _read_position(persona: Persona, topic: str, partition: int) -> int:
     """Next offset this worker will read: after what it saw, or the group's committed offset."""
     seen = persona.read_offsets.get((topic, partition))
@@ -504,6 +512,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     ticks_topic = persona.topics["ticks"].get_topic_name()
     records: list[Record] = []
     event_of_partition: dict[int, EventT] = {}
+    gaps: dict[tuple[str, int], int] = {}
     for e in events:
         message = e.message
         event_of_partition[message.partition] = e
@@ -514,10 +523,25 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
             else:
                 clocks.tick(message.partition, wall_now)
         else:
+            where = (message.topic, message.partition)
+            expected = _expected_offset(persona, *where)
+            if where not in gaps and expected is not None and message.offset > expected:
+                gaps[where] = expected
+            if where in gaps:
+                message.incref()  # never acknowledged: the commit must not pass the gap
+                continue
             records.append(
                 Record(message.topic, message.partition, message.offset, e.key, e.value, e)
             )
-            persona.read_offsets[(message.topic, message.partition)] = message.offset
+            persona.read_offsets[where] = message.offset
+    for (topic, partition), offset in gaps.items():
+        # Faust can skip offsets when it seeks to the committed offsets while batches already
+        # flow (after a restart or a takeover): read them again instead of losing them.
+        log.warning(
+            "offsets skipped on %s[%d] from %d: reading them again", topic, partition, offset
+        )
+        metrics.offset_gaps.inc()
+        await persona.app.consumer.seek(TP(topic, partition), offset)
 
     for partition in event_of_partition:
         if not persona.timers.has(partition):

@@ -245,6 +245,11 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.offset_gaps = Counter(
+            "persona_offset_gaps",
+            "Times the consumer skipped input offsets and was sent back to read them",
+            registry=r,
+        )
         self.held_events = Gauge(
             "persona_ordering_held_events",
             "Valid events waiting for event-time order across input topics (not yet applied)",
