@@ -75,6 +75,7 @@ def run_worker(settings: Settings) -> None:
     from streams.app import create_app
     from streams.logs import logging_config
 
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     check_redis_credentials(settings.redis_url)
     asyncio.run(ensure_topics(settings))
     persona = create_app(settings)
