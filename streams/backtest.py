@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.kafka import bootstrap_servers, client_options, produce_all, send_to_partitions
@@ -155,6 +155,11 @@ async def _dump(settings: Settings, out_dir: Path) -> dict[str, Any]:
 
 async def read_whole_topic(broker_url: str, topic: str) -> list[bytes]:
     """Every message value of ``topic``, partition by partition, from the start to the end."""
+    return [record.value for record in await read_topic_records(broker_url, topic)]
+
+
+async def read_topic_records(broker_url: str, topic: str) -> list[ConsumerRecord[Any, Any]]:
+    """Every record (key, value, partition, offset) of ``topic``, in (partition, offset) order."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers(broker_url),
         enable_auto_commit=False,
@@ -172,14 +177,14 @@ async def read_whole_topic(broker_url: str, topic: str) -> list[bytes]:
         # The embedded broker can report an end offset short of the true end (the start of the
         # last batch + 1), so read each partition until a fetch comes back empty past it.
         end = await consumer.end_offsets(tps)
-        values: list[bytes] = []
+        records: list[ConsumerRecord[Any, Any]] = []
         for tp in tps:
             while True:
                 batch = await consumer.getmany(tp, timeout_ms=500)
-                records = batch.get(tp, [])
-                values += [message.value for message in records]
-                if not records and await consumer.position(tp) >= end[tp]:
+                got = batch.get(tp, [])
+                records += got
+                if not got and await consumer.position(tp) >= end[tp]:
                     break
-        return values
+        return records
     finally:
         await consumer.stop()

@@ -14,10 +14,10 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from connectors.kafka import bootstrap_servers, produce_all
 from connectors.segment import dead_letter_record, decode_dead_letter
+from streams.backtest import read_topic_records
 from streams.deadletter import INVALID, replay_dead_letters
 from streams.settings import Settings
 from tests.conftest import engine_settings
@@ -26,31 +26,8 @@ pytestmark = pytest.mark.integration
 
 
 def read_all(settings: Settings, topic: str) -> list[Any]:
-    """Every message of ``topic`` now, in (partition, offset) order (whole batches: the embedded
-    broker reports the base offset of the last batch + 1 as a partition's end)."""
-
-    async def consume() -> list[Any]:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers(settings.broker_url), enable_auto_commit=False
-        )
-        await consumer.start()
-        try:
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
-            out: list[Any] = []
-            for tp in tps:
-                while await consumer.position(tp) < end[tp]:
-                    batch = await consumer.getmany(tp, timeout_ms=1000)
-                    out.extend(batch.get(tp, []))
-            return out
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(consume())
+    """Every record of ``topic`` now, in (partition, offset) order."""
+    return asyncio.run(read_topic_records(settings.broker_url, topic))
 
 
 def wait_for_records(settings: Settings, topic: str, n: int, timeout: float = 30.0) -> list[Any]:

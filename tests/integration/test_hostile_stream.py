@@ -16,12 +16,12 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from connectors.kafka import bootstrap_servers, produce_all
+from connectors.kafka import produce_all
 from connectors.redis_cache import profile_key
 from connectors.segment import Rejection, decode_dead_letter, parse_event, partition_key
+from streams.backtest import read_topic_records
 from streams.settings import Settings
 from tests.conftest import engine_settings, wait_until
 from tests.unit.test_hostile_input import ACCEPT, CORPUS, DUPLICATE
@@ -54,34 +54,8 @@ def good_event(user: str, i: int) -> bytes:
 
 
 def read_all(settings: Settings, topic: str) -> list[Any]:
-    """Every message of ``topic`` now, in (partition, offset) order.
-
-    Reads each partition until its position passes the end offset, keeping whole batches: the
-    embedded broker reports the base offset of the last batch + 1 as the end, not the true end.
-    """
-
-    async def consume() -> list[Any]:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers(settings.broker_url), enable_auto_commit=False
-        )
-        await consumer.start()
-        try:
-            await consumer.topics()  # fetches the cluster metadata
-            partitions = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
-            out: list[Any] = []
-            for tp in tps:
-                while await consumer.position(tp) < end[tp]:
-                    batch = await consumer.getmany(tp, timeout_ms=1000)
-                    out.extend(batch.get(tp, []))  # no offset filter: see below
-            return out
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(consume())
+    """Every record of ``topic`` now, in (partition, offset) order."""
+    return asyncio.run(read_topic_records(settings.broker_url, topic))
 
 
 def event_totals(text: str) -> Counter[str]:

@@ -294,7 +294,7 @@ def test_rees46_replay_gives_profiles_equal_to_an_independent_count(
 
 
 def test_erasure_removes_the_user_everywhere_persona_wrote(engine, redis_client) -> None:
-    from streams.backtest import read_whole_topic
+    from streams.backtest import read_topic_records, read_whole_topic
 
     settings, worker = engine
     user = "it-erin"
@@ -324,28 +324,10 @@ def test_erasure_removes_the_user_everywhere_persona_wrote(engine, redis_client)
     # and the erasure marker is a keyed hash, not the id.
     changelog = f"{settings.app_id}-profiles-changelog"
 
-    async def records() -> list[Any]:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(settings.broker_url))
-        await consumer.start()
-        try:
-            tps = [TopicPartition(changelog, p) for p in range(settings.partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
-            out: list[Any] = []
-            for tp in tps:
-                while await consumer.position(tp) < end[tp]:
-                    batch = await consumer.getmany(tp, timeout_ms=1000)
-                    out.extend(batch.get(tp, []))
-            return out
-        finally:
-            await consumer.stop()
-
-    user_records = [r for r in asyncio.run(records()) if r.key == user.encode()]
+    changelog_records = asyncio.run(read_topic_records(settings.broker_url, changelog))
+    user_records = [r for r in changelog_records if r.key == user.encode()]
     assert user_records and user_records[-1].value is None
-    assert not any(user.encode() in (r.key or b"") for r in asyncio.run(records()) if r.value
+    assert not any(user.encode() in (r.key or b"") for r in changelog_records if r.value
                    and r.key and r.key.startswith(b"\x00erased/"))  # fmt: skip
     # Every output topic got a tombstone for the user.
     for kind in ("abandoned_cart", "segment_changes", "hot_leads"):
