@@ -179,12 +179,17 @@ def test_trainer_killed_mid_stream_resumes_without_losing_or_doubling_examples(
     try:
         restarted.wait_serving()
 
+        looks: list[tuple[dict[str, int], dict[str, int]]] = []
+
         def settled() -> bool:
+            """Caught up, and unchanged since the previous look: the stream ended, not paused."""
             produced = examples_in_topic(settings)
             learned = {name: snap.examples_seen for name, snap in checkpoints(settings).items()}
-            return bool(produced) and produced == learned
+            looks.append((produced, learned))
+            steady = len(looks) >= 2 and looks[-2] == looks[-1]
+            return bool(produced) and produced == learned and steady
 
-        wait_until(settled, timeout=120, interval=1.0, what="trainers caught up with the topic")
+        wait_until(settled, timeout=180, interval=2.0, what="trainers caught up with the topic")
     finally:
         restarted.stop()
     produced = examples_in_topic(settings)
