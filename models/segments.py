@@ -1,9 +1,9 @@
-"""Segments: named rules a marketer edits, learned behaviour clusters, and change records.
+"""Segments: named rules a marketer edits, and learned behaviour clusters.
 
 What: :class:`RuleSegmenter` puts a profile (see :mod:`models.features`) into the first named
 segment of a config whose conditions it meets; :class:`ProfileClusters` groups profiles by
-behaviour with online k-means on a few scaled features; :func:`segment_change` builds the
-``segment-changes`` payload emitted when a user's segment moves.
+behaviour with online k-means on a few scaled features; the ``segment-changes`` payload is
+built by :func:`connectors.payloads.segment_change_payload`.
 
 Why: rules are explainable and editable (every assignment comes with its reason), clusters find
 groups nobody wrote a rule for; both read the same profile at event time ``now``, never the wall
@@ -45,21 +45,14 @@ naming the rule and the key.
 ... except SegmentConfigError as exc:
 ...     print(exc)
 segments.rules[0] ('x'): unknown key 'order_min' (unknown quantity 'order')
->>> change = segment_change("u-1", "vip", "at_risk", "orders>=1 and recency_days>=45",
-...                         at=1_700_000_000.0)
->>> change["at"], change["idempotency_key"] == segment_change(
-...     "u-1", None, "at_risk", "", at=1_700_000_000.0)["idempotency_key"]
-('2023-11-14T22:13:20.000Z', True)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +68,6 @@ __all__ = [
     "SegmentConfigError",
     "adjusted_rand_index",
     "purity",
-    "segment_change",
 ]
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "config" / "segments.toml"
@@ -777,32 +769,3 @@ def adjusted_rand_index(labels: Sequence[Any], truth: Sequence[Any]) -> float:
     if best == expected:
         return 1.0
     return (both - expected) / (best - expected)
-
-
-# --------------------------------------------------------------------------- change records
-
-
-def _iso(ts: float) -> str:
-    text = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
-
-
-def segment_change(
-    user_id: str, old: str | None, new: str, reason: str, at: float
-) -> dict[str, Any]:
-    """The ``segment-changes`` payload for a user moving from ``old`` (None: first) to ``new``.
-
-    ``at`` is the event time (epoch seconds) of the change. ``idempotency_key`` depends only on
-    the user, the new segment and ``at`` (to the millisecond), so a re-processed event yields
-    the same key and consumers can drop the duplicate.
-    """
-    at_iso = _iso(at)
-    key = hashlib.blake2b(f"{user_id}\x1f{new}\x1f{at_iso}".encode(), digest_size=16).hexdigest()
-    return {
-        "user_id": user_id,
-        "old_segment": old,
-        "new_segment": new,
-        "reason": reason,
-        "at": at_iso,
-        "idempotency_key": key,
-    }

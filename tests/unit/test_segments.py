@@ -34,7 +34,6 @@ from models.segments import (
     SegmentConfigError,
     adjusted_rand_index,
     purity,
-    segment_change,
 )
 
 T0 = 1_700_000_000.0
@@ -323,34 +322,6 @@ def test_default_config_file_is_valid_and_documented() -> None:
     RuleSegmenter.from_config(cfg)
 
 
-
-
-# --------------------------------------------------------------------------- change records
-
-
-def test_segment_change_record() -> None:
-    rec = segment_change("u-1", "new", "vip", "orders>=5", T0 + 0.25)
-    assert rec == {
-        "user_id": "u-1",
-        "old_segment": "new",
-        "new_segment": "vip",
-        "reason": "orders>=5",
-        "at": "2023-11-14T22:13:20.250Z",
-        "idempotency_key": rec["idempotency_key"],
-    }
-    assert len(rec["idempotency_key"]) == 32
-    same = segment_change("u-1", None, "vip", "other reason", T0 + 0.25)
-    assert same["idempotency_key"] == rec["idempotency_key"]
-    assert same["old_segment"] is None
-    others = {
-        segment_change("u-2", "new", "vip", "", T0 + 0.25)["idempotency_key"],
-        segment_change("u-1", "new", "at_risk", "", T0 + 0.25)["idempotency_key"],
-        segment_change("u-1", "new", "vip", "", T0 + 1.25)["idempotency_key"],
-    }
-    assert rec["idempotency_key"] not in others and len(others) == 3
-    orjson.dumps(rec)
-
-
 # --------------------------------------------------------------------------- metrics
 
 
@@ -427,8 +398,6 @@ def test_clusters_recover_simulated_shopper_types(
         print(f"  {c['id']}: size {c['size']:4d}  {c['label']:<55s} [{top}]")
     assert p >= 0.8
     assert ari >= 0.6
-
-
 
 
 def _scaled_centroids(model: ProfileClusters, vectors: list[dict[str, float]]) -> np.ndarray:
