@@ -32,10 +32,10 @@ from __future__ import annotations
 import hmac
 import math
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from hashlib import sha256
 from typing import Any
 
+from models.events import iso_utc
 from models.features import has_consent, top_category
 from models.triggers import AbandonedCart, idempotency_key, to_ms
 
@@ -43,8 +43,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "abandoned_cart_payload",
     "hot_lead_payload",
-    "iso",
-    "offer_payload",
+        "offer_payload",
     "profile_summary",
     "pseudonymize",
     "segment_change_payload",
@@ -58,17 +57,10 @@ _DAY = 86400.0
 _HOUR = 3600.0
 
 
-def iso(ts: float) -> str:
-    """Epoch seconds as ISO-8601 UTC with milliseconds and ``Z``.
-
-    >>> iso(1_700_000_000.0)
-    '2023-11-14T22:13:20.000Z'
-    """
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def _iso_or_none(ts: float | None) -> str | None:
-    return None if ts is None else iso(ts)
+    return None if ts is None else iso_utc(ts)
 
 
 def _finite(x: float | None) -> float | None:
@@ -121,8 +113,8 @@ def abandoned_cart_payload(
         "items": items,
         "cart_value": trigger.cart_value,
         "currency": currency,
-        "abandoned_at": iso(trigger.abandoned_at),
-        "episode_started_at": iso(trigger.episode_start),
+        "abandoned_at": iso_utc(trigger.abandoned_at),
+        "episode_started_at": iso_utc(trigger.episode_start),
         "cart_updated_at": _iso_or_none(trigger.cart_updated_at),
         "segment": segment,
         "lead_score": _finite(lead_score),
@@ -168,8 +160,8 @@ def offer_payload(
         "propensity": float(propensity),
         "reason": reason,
         "policy": policy,
-        "decided_at": iso(decided_at),
-        "expires_at": iso(decided_at + ttl_hours * _HOUR),
+        "decided_at": iso_utc(decided_at),
+        "expires_at": iso_utc(decided_at + ttl_hours * _HOUR),
     }
 
 
@@ -190,7 +182,7 @@ def segment_change_payload(
         "old_segment": old_segment,
         "new_segment": new_segment,
         "reason": reason,
-        "at": iso(at),
+        "at": iso_utc(at),
     }
 
 
@@ -252,7 +244,7 @@ def hot_lead_payload(
         "explanation": _explanation(explanation, max_features),
         "model_version": model_version,
         "profile": profile_summary(profile, now=at),
-        "at": iso(at),
+        "at": iso_utc(at),
     }
 
 
@@ -271,6 +263,6 @@ def tombstone(user_id: str, *, at: float, secret: bytes | str | None = None) -> 
     else:
         ident = pseudonymize(user_id, secret)
         record["pseudonymous_id"] = ident
-    record["at"] = iso(at)
+    record["at"] = iso_utc(at)
     record["idempotency_key"] = idempotency_key("tombstone", ident, to_ms(at))
     return record

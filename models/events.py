@@ -13,6 +13,7 @@ wall-clock time: ``ts`` is the event time in epoch seconds.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, TypedDict
 
 
@@ -83,3 +84,13 @@ def topic_kind(call_type: str, event_name: str) -> str:
     if event_name in EMAIL_EVENTS:
         return "email"
     return "clickstream"
+
+
+def iso_utc(ts: float) -> str:
+    """Epoch seconds as ISO-8601 UTC with milliseconds and ``Z``: the form of every time Persona
+    writes.
+
+    >>> iso_utc(1_700_000_000.0)
+    '2023-11-14T22:13:20.000Z'
+    """
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"

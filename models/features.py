@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from models.events import (
@@ -57,6 +56,7 @@ from models.events import (
     PRODUCT_VIEWED,
     UNSUBSCRIBED,
     Event,
+    iso_utc,
 )
 
 __all__ = [
@@ -478,10 +478,7 @@ def top_category(profile: dict[str, Any]) -> str:
 
 
 def _iso(ts: float | None) -> str:
-    if ts is None:
-        return ""
-    text = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
+    return "" if ts is None else iso_utc(ts)
 
 
 def _days(now: float, ts: float | None) -> float | None:
