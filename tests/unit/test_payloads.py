@@ -11,13 +11,14 @@ from typing import Any
 import orjson
 import pytest
 
+from models.events import iso_utc
+
 jsonschema = pytest.importorskip("jsonschema")
 
 from connectors.payloads import (  # noqa: E402
     SCHEMA_VERSION,
     abandoned_cart_payload,
     hot_lead_payload,
-    iso,
     offer_payload,
     profile_summary,
     pseudonymize,
@@ -129,8 +130,8 @@ def test_abandoned_cart_payload_validates() -> None:
     )
     check("abandoned-cart.schema.json", payload)
     assert payload["idempotency_key"] == trigger.idempotency_key
-    assert payload["abandoned_at"] == iso(T0 + 30 + 1800) == "2023-11-14T22:43:50.000Z"
-    assert payload["episode_started_at"] == iso(T0 + 10)
+    assert payload["abandoned_at"] == iso_utc(T0 + 30 + 1800) == "2023-11-14T22:43:50.000Z"
+    assert payload["episode_started_at"] == iso_utc(T0 + 10)
     assert payload["flags"] == ["checkout_started"]
     assert payload["next_best_offer"] == {"offer_id": "free-shipping", "channel": "email"}
     assert payload["items"][0] == {
@@ -198,8 +199,8 @@ def test_offer_payload_validates_and_is_pseudonymous() -> None:
     assert b"u-42" not in orjson.dumps(payload)
     expected = hmac.new(SECRET, b"u-42", hashlib.sha256).hexdigest()
     assert payload["pseudonymous_id"] == expected
-    assert payload["decided_at"] == iso(T0)
-    assert payload["expires_at"] == iso(T0 + 6 * 3600)
+    assert payload["decided_at"] == iso_utc(T0)
+    assert payload["expires_at"] == iso_utc(T0 + 6 * 3600)
     again = offer_payload(profile, consent_default=False, ttl_hours=6, **OFFER_ARGS)
     assert again == payload  # deterministic, key included
     later = offer_payload(profile, consent_default=False, **{**OFFER_ARGS, "decided_at": T0 + 1})
@@ -225,7 +226,7 @@ def test_segment_change_payload_validates() -> None:
         user_id="u-42", old_segment=None, new_segment="vip", reason="rule:vip", at=T0
     )
     check("segment-changes.schema.json", payload)
-    assert payload["at"] == iso(T0)
+    assert payload["at"] == iso_utc(T0)
     same = segment_change_payload(
         user_id="u-42", old_segment=None, new_segment="vip", reason="other", at=T0
     )
