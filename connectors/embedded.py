@@ -233,5 +233,9 @@ class EmbeddedRedis(EmbeddedServer):
 
     @property
     def url(self) -> str:
+        return self.database_url(0)
+
+    def database_url(self, db: int) -> str:
+        """URL of logical database ``db``: tests that share one server keep their keys apart."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/0"
+        return f"redis://{auth}{self.host}:{self.port}/{db}"

@@ -127,7 +127,7 @@ def settings_for(
     """Fresh app id, topics and consumer group; Redis database ``db`` (emptied) of the server."""
     overrides: dict[str, Any] = {"live_clock": False, "consent_default": "allow"}
     if db is not None:
-        overrides["redis_url"] = redis_server.url.rsplit("/", 1)[0] + f"/{db}"
+        overrides["redis_url"] = redis_server.database_url(db)
     settings = engine_settings(broker, redis_server, data_dir, **overrides)
     with redis.Redis.from_url(settings.redis_url) as client:
         client.flushdb()

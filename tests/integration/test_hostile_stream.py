@@ -69,7 +69,7 @@ def event_totals(text: str) -> Counter[str]:
 
 
 def test_hostile_corpus_through_the_worker(broker, redis_server, tmp_path, start_worker) -> None:
-    own_database = redis_server.url.rsplit("/", 1)[0] + "/7"
+    own_database = redis_server.database_url(7)
     settings = engine_settings(broker, redis_server, tmp_path, redis_url=own_database)
     worker = start_worker(settings)
     topic = settings.input_topics["clickstream"]

@@ -258,7 +258,7 @@ def test_rees46_replay_gives_profiles_equal_to_an_independent_count(
     if not path.exists():
         pytest.skip(f"dataset missing: {path}")
     expected = rees46_expected(path)
-    own_database = redis_server.url.rsplit("/", 1)[0] + "/1"
+    own_database = redis_server.database_url(1)
     settings = engine_settings(broker, redis_server, tmp_path, redis_url=own_database)
     start_worker(settings)
     replay = subprocess.run(

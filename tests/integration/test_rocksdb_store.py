@@ -23,7 +23,7 @@ def test_worker_on_rocksdb_keeps_profiles(
     pytest.importorskip("rocksdict", reason="the rocksdb extra is not installed")
     settings = engine_settings(
         broker, redis_server, tmp_path, store="rocksdb://",
-        redis_url=redis_server.url.rsplit("/", 1)[0] + "/5",
+        redis_url=redis_server.database_url(5),
     )  # fmt: skip
     start_worker(settings)
     topic = settings.input_topics["clickstream"]
