@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
@@ -107,6 +107,32 @@ async def create_topics(
         return created
     finally:
         await admin.close()
+
+
+async def first_offset_from(
+    broker_url: str, topic: str, partition: int, offset: int, *, timeout_s: float = 5.0
+) -> int | None:
+    """The first offset the broker holds at or after ``offset`` (None: nothing there yet).
+
+    An answer past ``offset`` proves the offsets between hold no message (transaction markers,
+    records deleted by retention), unlike offsets a consumer merely did not receive.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers(broker_url),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **client_options(),
+    )
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        records = await consumer.getmany(tp, timeout_ms=int(timeout_s * 1000), max_records=1)
+        batch = records.get(tp)
+        return batch[0].offset if batch else None
+    finally:
+        await consumer.stop()
 
 
 Message = tuple[str, bytes | None, bytes]

@@ -41,7 +41,13 @@ from aiokafka import TopicPartition as KafkaTopicPartition
 from faust.streams import _current_event
 from faust.types import TP, EventT
 
-from connectors.kafka import KafkaSecurity, bootstrap_servers, client_options, configure_security
+from connectors.kafka import (
+    KafkaSecurity,
+    bootstrap_servers,
+    client_options,
+    configure_security,
+)
+from connectors.kafka import first_offset_from as first_offset_from_broker
 from connectors.payloads import tombstone
 from connectors.redis_cache import ProfileCache
 from connectors.segment import dead_letter_record
@@ -62,6 +68,7 @@ from streams.engine import (
 )
 from streams.ingest import BatchResult, Record, apply_events, parse_records
 from streams.metrics import Metrics
+from streams.offsets import OffsetGuard, repair_gaps
 from streams.ordering import ReorderBuffer
 from streams.settings import Settings
 from streams.training import (
@@ -101,8 +108,8 @@ class Persona:
     """Users per segment, per partition owned here (absolute counts written to Redis)."""
     saved_watermarks: dict[int, float] = field(default_factory=dict)
     ordering: ReorderBuffer = field(default_factory=lambda: ReorderBuffer(()))
-    read_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
-    """Last offset this worker received per input topic partition."""
+    offsets: OffsetGuard = field(default_factory=lambda: OffsetGuard(frozenset()))
+    """What this worker applied per input partition; keeps commits from passing a gap."""
     trainer_state: Any = None  # faust Table[bytes, bytes]: signed checkpoints by model
     trainers: dict[str, TrainerState] = field(default_factory=dict)
     serving: dict[str, int] = field(default_factory=dict)
@@ -213,6 +220,7 @@ def create_app(settings: Settings) -> Persona:
             live=settings.live_clock,
         ),
         ordering=ReorderBuffer(settings.input_topics.values()),
+        offsets=OffsetGuard(frozenset(settings.input_topics.values())),
         trainer_state=trainer_state,
     )
 
@@ -244,6 +252,14 @@ def create_app(settings: Settings) -> Persona:
             await topics["ticks"].send(value=value, partition=partition)
         metrics.set_consumer_lag(consumer_lag(persona))
 
+    @app.on_partitions_assigned.connect
+    async def guard_offsets(app: faust.App, assigned: set[Any], **kwargs: Any) -> None:
+        """Commits of input partitions start at the log start when nothing was committed."""
+        persona.offsets.install(app.consumer)
+        guarded = [tp for tp in assigned if tp.topic in persona.offsets.topics]
+        if guarded:
+            persona.offsets.log_start.update(await app.consumer.earliest_offsets(*guarded))
+
     @app.on_partitions_revoked.connect
     async def forget_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
         """A partition that moves away is rebuilt from the table if it ever comes back."""
@@ -255,8 +271,7 @@ def create_app(settings: Settings) -> Persona:
             persona.segment_counts.pop(tp.partition, None)
             persona.saved_watermarks.pop(tp.partition, None)
             persona.ordering.forget(tp.partition)
-            for topic in settings.input_topics.values():
-                persona.read_offsets.pop((topic, tp.partition), None)
+            persona.offsets.forget(tp)
 
     add_routes(app, cache=cache, metrics=metrics, segment_definitions=engine.segmenter.definitions)
 
@@ -384,20 +399,29 @@ async def train_batch(persona: Persona, events: list[EventT]) -> None:
     await persona.app.producer.flush()
 
 
-def _expected_offset(persona: Persona, topic: str, partition: int) -> int | None:
-    """The next offset this worker should receive on an input topic partition, if known."""
-    seen = persona.read_offsets.get((topic, partition))
-    if seen is not None:
-        return seen + 1
-    committed: int | None = persona.app.consumer._committed_offset.get(TP(topic, partition))
-    return committed
+def _committed(persona: Persona, tp: TP) -> int | None:
+    committed: int | None = persona.app.consumer._committed_offset.get(tp)
+    return committed  # Faust has no public accessor
 
 
 def _read_position(persona: Persona, topic: str, partition: int) -> int:
-    """Next offset this worker will read: after what it saw, or the group's committed offset."""
-    seen = persona.read_offsets.get((topic, partition))
-    committed = persona.app.consumer._committed_offset.get(TP(topic, partition)) or 0
-    return max(seen + 1 if seen is not None else 0, committed)  # Faust has no public accessor
+    """Next offset this worker will apply: after what it applied, or the committed offset."""
+    tp = TP(topic, partition)
+    return persona.offsets.position(tp, _committed(persona, tp)) or 0
+
+
+async def _repair_gaps(persona: Persona) -> None:
+    async def first_offset_from(tp: TP, offset: int) -> int | None:
+        return await first_offset_from_broker(
+            persona.settings.broker_url, tp.topic, tp.partition, offset
+        )
+
+    await repair_gaps(
+        persona.offsets,
+        persona.app.consumer,
+        first_offset_from,
+        on_seek=lambda tp, offset: persona.metrics.offset_gaps.inc(),
+    )
 
 
 def _highwater(persona: Persona, topic: str, partition: int) -> int | None:
@@ -512,7 +536,6 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     ticks_topic = persona.topics["ticks"].get_topic_name()
     records: list[Record] = []
     event_of_partition: dict[int, EventT] = {}
-    gaps: dict[tuple[str, int], int] = {}
     for e in events:
         message = e.message
         event_of_partition[message.partition] = e
@@ -523,25 +546,15 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
             else:
                 clocks.tick(message.partition, wall_now)
         else:
-            where = (message.topic, message.partition)
-            expected = _expected_offset(persona, *where)
-            if where not in gaps and expected is not None and message.offset > expected:
-                gaps[where] = expected
-            if where in gaps:
-                message.incref()  # never acknowledged: the commit must not pass the gap
+            tp = message.tp
+            if not persona.offsets.admit(tp, message.offset, _committed(persona, tp)):
+                message.incref()  # after a gap: read again, never acknowledged here
                 continue
             records.append(
                 Record(message.topic, message.partition, message.offset, e.key, e.value, e)
             )
-            persona.read_offsets[where] = message.offset
-    for (topic, partition), offset in gaps.items():
-        # Faust can skip offsets when it seeks to the committed offsets while batches already
-        # flow (after a restart or a takeover): read them again instead of losing them.
-        log.warning(
-            "offsets skipped on %s[%d] from %d: reading them again", topic, partition, offset
-        )
-        metrics.offset_gaps.inc()
-        await persona.app.consumer.seek(TP(topic, partition), offset)
+    if persona.offsets.seeking:
+        await _repair_gaps(persona)
 
     for partition in event_of_partition:
         if not persona.timers.has(partition):

@@ -327,17 +327,6 @@ def reference(
 # --------------------------------------------------------------------------- tests
 
 
-LOSES_EVENTS_ON_RECOVERY = pytest.mark.xfail(
-    raises=EventsLost,
-    strict=False,  # intermittent (1 run in 5 to 10): a strict marker would fail most runs
-    reason="Faust can skip a few offsets of a partition it takes over while it still seeks to "
-    "the committed offsets ('Seek stream partitions' .. 'Worker ready'); the worker now detects "
-    "the gap and seeks back (persona_offset_gaps_total), which has held in every run since, but "
-    "too few runs to drop this marker: it only tolerates lost events, any other wrong total fails",
-)
-
-
-@LOSES_EVENTS_ON_RECOVERY
 def test_worker_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
     broker: EmbeddedBroker,
     redis_server: EmbeddedRedis,
@@ -389,7 +378,6 @@ def ready(worker: WorkerProcess) -> dict[str, Any] | None:
         return None
 
 
-@LOSES_EVENTS_ON_RECOVERY
 def test_group_member_killed_survivor_takes_over_its_partitions(
     broker: EmbeddedBroker,
     redis_server: EmbeddedRedis,

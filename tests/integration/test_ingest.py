@@ -20,7 +20,7 @@ import redis
 from aiokafka import AIOKafkaConsumer
 
 from connectors.embedded import EmbeddedBroker, EmbeddedRedis
-from connectors.kafka import bootstrap_servers, produce_all
+from connectors.kafka import bootstrap_servers, create_topics, first_offset_from, produce_all
 from connectors.redis_cache import profile_key
 from connectors.segment import decode_dead_letter
 from streams.settings import Settings
@@ -339,3 +339,14 @@ def test_erasure_removes_the_user_everywhere_persona_wrote(engine, redis_client)
     # The event after the erasure was counted, not applied.
     text = worker.scrape() or ""
     assert 'outcome="erased"' in text
+
+
+def test_first_offset_from_tells_a_missing_offset_from_a_hole(broker: EmbeddedBroker) -> None:
+    """The probe the offset guard uses before it passes offsets that were never delivered."""
+    topic = "first-offset-probe"
+    asyncio.run(create_topics(broker.url, [topic], partitions=1))
+    messages = [(topic, None, b"%d" % i) for i in range(3)]
+    assert asyncio.run(produce_all(broker.url, messages)) == 3
+    assert asyncio.run(first_offset_from(broker.url, topic, 0, 1)) == 1
+    assert asyncio.run(first_offset_from(broker.url, topic, 0, 0)) == 0
+    assert asyncio.run(first_offset_from(broker.url, topic, 0, 3, timeout_s=0.5)) is None

@@ -1,0 +1,190 @@
+"""Offset guard: the committed offset of an input partition never passes an event not applied.
+
+Faust commits, per partition, the first run of consecutive acknowledged offsets. For topics that
+must lose nothing that rule has three holes (faust-streaming 0.11, ``transport/consumer.py``):
+
+1. any jump in fetched offsets is recorded as a *gap* and later committed as if processed (meant
+   for compacted topics; a jump on an input topic means offsets were not delivered);
+2. the run may start one past the committed offset (``min(acked) - committed > 1``), so a
+   single unacknowledged offset at the head (an event waiting in the reorder buffer) is skipped;
+3. with nothing committed yet the run may start anywhere.
+
+After a restart or a takeover each of these committed offsets that no worker had applied, and a
+crash then lost those events for good. For the guarded topics this module replaces that rule: a
+commit advances only through acknowledged offsets in order, starting at the committed offset
+(or the log start). A jump in delivered offsets is read again (:meth:`OffsetGuard.admit` asks
+for a seek); only a hole the broker itself confirms (transaction markers, retention) is passed.
+
+>>> guard = OffsetGuard(frozenset({"clicks"}))
+>>> tp = ("clicks", 0)
+>>> guard.admit(tp, 5, committed=5), guard.admit(tp, 6, committed=5)
+(True, True)
+>>> guard.admit(tp, 9, committed=5)  # 7 and 8 never arrived: skip 9, read again from 7
+False
+>>> guard.seeks_due(now=0.0)
+[(('clicks', 0), 7)]
+>>> commit_offset([5, 6, 9], head=5)  # acknowledged 5, 6 and 9: commit up to 7 only
+(7, 2)
+>>> commit_offset([6, 7], head=5)  # 5 not acknowledged yet: nothing to commit
+(None, 0)
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SEEK_RETRY_S = 5.0
+"""A seek that has not brought the missing offset after this long is made again."""
+
+
+def commit_offset(
+    acked: Sequence[int], head: int, holes: Sequence[tuple[int, int]] = ()
+) -> tuple[int | None, int]:
+    """The offset to commit after the sorted ``acked`` offsets, and how many of them it uses.
+
+    ``head`` is the first offset not yet committed; ``holes`` are ``[start, end)`` ranges the
+    broker confirmed hold no message. Offsets below ``head`` are already committed and used up.
+    """
+    position = head
+    used = 0
+    for offset in acked:
+        while True:
+            hole = _hole_at(holes, position)
+            if hole is None:
+                break
+            position = hole[1]
+        if offset < position:
+            used += 1
+        elif offset == position:
+            position += 1
+            used += 1
+        else:
+            break
+    return (position if position > head else None), used
+
+
+def _hole_at(holes: Sequence[tuple[int, int]], position: int) -> tuple[int, int] | None:
+    for start, end in holes:
+        if start <= position < end:
+            return start, end
+    return None
+
+
+@dataclass
+class _Seek:
+    offset: int
+    asked_at: float | None = None  # None: not sent yet
+
+
+@dataclass
+class OffsetGuard:
+    """Per partition of the guarded topics: next offset due, pending seeks, confirmed holes."""
+
+    topics: frozenset[str]
+    next_offset: dict[Hashable, int] = field(default_factory=dict)
+    """One past the last offset admitted, per partition."""
+    log_start: dict[Hashable, int] = field(default_factory=dict)
+    holes: dict[Hashable, list[tuple[int, int]]] = field(default_factory=dict)
+    seeking: dict[Hashable, _Seek] = field(default_factory=dict)
+
+    def admit(self, tp: Hashable, offset: int, committed: int | None) -> bool:
+        """Whether the message at ``offset`` continues its partition (else skip it, unacked).
+
+        ``committed`` is the group's committed offset, the first offset due after an assignment.
+        """
+        expected = self.next_offset.get(tp, committed)
+        while (hole := _hole_at(self.holes.get(tp, ()), expected or 0)) is not None:
+            expected = hole[1]
+        if expected is None or offset == expected:
+            self.next_offset[tp] = offset + 1
+            self.seeking.pop(tp, None)
+            return True
+        if offset < expected:
+            return True  # re-delivery of an applied offset: events are de-duplicated by id
+        pending = self.seeking.get(tp)
+        if pending is None or pending.offset != expected:
+            self.seeking[tp] = _Seek(expected)
+        return False
+
+    def seeks_due(self, now: float) -> list[tuple[Hashable, int]]:
+        """Partitions to seek back (and where): new gaps, and seeks that brought nothing yet."""
+        due = []
+        for tp, pending in self.seeking.items():
+            if pending.asked_at is None or now - pending.asked_at >= SEEK_RETRY_S:
+                pending.asked_at = now
+                due.append((tp, pending.offset))
+        return due
+
+    def confirm_hole(self, tp: Hashable, start: int, end: int) -> None:
+        """The broker holds no message in ``[start, end)``: commits and admission pass it."""
+        holes = self.holes.setdefault(tp, [])
+        bisect.insort(holes, (start, end))
+        self.seeking.pop(tp, None)
+
+    def position(self, tp: Hashable, committed: int | None) -> int | None:
+        """The next offset this worker will apply on ``tp``."""
+        return self.next_offset.get(tp, committed)
+
+    def forget(self, tp: Hashable) -> None:
+        """``tp`` moved to another worker: its state is rebuilt from Kafka if it comes back."""
+        for state in (self.next_offset, self.log_start, self.holes, self.seeking):
+            state.pop(tp, None)
+
+    def install(self, consumer: Any) -> None:
+        """Make Faust's ``consumer`` commit the guarded topics by :func:`commit_offset`."""
+        if getattr(consumer, "_persona_offset_guard", None) is self:
+            return
+        original_new_offset: Callable[[Any], int | None] = consumer._new_offset
+        original_add_gap = consumer._add_gap
+
+        def _new_offset(tp: Any) -> int | None:
+            if tp.topic not in self.topics:
+                return original_new_offset(tp)
+            acked = consumer._acked[tp]
+            committed = consumer._committed_offset[tp]
+            head = committed if committed is not None else self.log_start.get(tp)
+            if not acked or head is None:
+                return None
+            acked.sort()
+            offset, used = commit_offset(acked, head, self.holes.get(tp, ()))
+            consumer._acked_index[tp].difference_update(acked[:used])
+            del acked[:used]
+            return offset
+
+        async def _add_gap(tp: Any, offset_from: int, offset_to: int) -> None:
+            if tp.topic not in self.topics:  # guarded topics are read again, never filled
+                await original_add_gap(tp, offset_from, offset_to)
+
+        consumer._new_offset = _new_offset
+        consumer._add_gap = _add_gap
+        consumer._persona_offset_guard = self
+
+
+async def repair_gaps(
+    guard: OffsetGuard,
+    consumer: Any,
+    first_offset_from: Callable[[Any, int], Any],
+    on_seek: Callable[[Any, int], None] = lambda tp, offset: None,
+) -> None:
+    """Seek each partition with a gap back to its missing offset, or pass a confirmed hole.
+
+    ``first_offset_from(tp, offset)`` asks the broker for the first offset it holds at or after
+    ``offset`` (None when none): an answer past ``offset`` proves the hole is in the log.
+    """
+    for tp, offset in guard.seeks_due(time.monotonic()):
+        first = await first_offset_from(tp, offset)
+        if first is not None and first > offset:
+            log.info("offsets %d..%d of %s hold no message: passing them", offset, first - 1, tp)
+            guard.confirm_hole(tp, offset, first)
+            await consumer.seek(tp, first)
+            continue
+        log.warning("offsets skipped on %s from %d: reading them again", tp, offset)
+        on_seek(tp, offset)
+        await consumer.seek(tp, offset)

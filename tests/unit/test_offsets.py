@@ -1,0 +1,131 @@
+"""The offset guard against Faust's own commit rule, on a real (unstarted) Faust consumer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import faust
+import pytest
+from faust.types import TP
+
+from streams.offsets import OffsetGuard, commit_offset, repair_gaps
+
+CLICKS = TP("clicks", 0)
+TICKS = TP("ticks", 0)
+
+
+@pytest.fixture
+def consumer() -> Any:
+    app = faust.App("offset-guard-test", broker="kafka://127.0.0.1:1", autodiscover=False)
+    app.topic("clicks", "ticks")
+    return app.consumer
+
+
+def acknowledge(consumer: Any, tp: TP, *offsets: int) -> None:
+    consumer._acked[tp].extend(offsets)
+    consumer._acked_index[tp].update(offsets)
+
+
+def test_faust_alone_commits_past_an_offset_nobody_acknowledged(consumer: Any) -> None:
+    """Why the guard exists: offset 5 was never acknowledged, Faust commits past it."""
+    consumer._committed_offset[CLICKS] = 5
+    acknowledge(consumer, CLICKS, 6, 7, 8)
+    assert consumer._new_offset(CLICKS) == 9
+
+
+def test_guarded_commit_waits_for_the_head_then_takes_the_run(consumer: Any) -> None:
+    OffsetGuard(frozenset({"clicks"})).install(consumer)
+    consumer._committed_offset[CLICKS] = 5
+    acknowledge(consumer, CLICKS, 6, 7, 8)
+    assert consumer._new_offset(CLICKS) is None
+    acknowledge(consumer, CLICKS, 5)
+    assert consumer._new_offset(CLICKS) == 9
+    assert consumer._acked[CLICKS] == [] and not consumer._acked_index[CLICKS]
+
+
+def test_guarded_commit_with_nothing_committed_starts_at_the_log_start(consumer: Any) -> None:
+    guard = OffsetGuard(frozenset({"clicks"}))
+    guard.install(consumer)
+    acknowledge(consumer, CLICKS, 3, 4)
+    assert consumer._new_offset(CLICKS) is None  # log start unknown: commit nothing
+    guard.log_start[CLICKS] = 0
+    assert consumer._new_offset(CLICKS) is None  # 0..2 not applied yet
+    acknowledge(consumer, CLICKS, 0, 1, 2)
+    assert consumer._new_offset(CLICKS) == 5
+
+
+def test_gaps_are_not_filled_on_guarded_topics_and_still_are_on_others(consumer: Any) -> None:
+    OffsetGuard(frozenset({"clicks"})).install(consumer)
+    for tp in (CLICKS, TICKS):
+        consumer._committed_offset[tp] = 10
+        asyncio.run(consumer._add_gap(tp, 10, 19))
+        acknowledge(consumer, tp, 20)
+    assert consumer._new_offset(CLICKS) is None
+    assert consumer._new_offset(TICKS) == 21
+
+
+def test_install_twice_wraps_once(consumer: Any) -> None:
+    guard = OffsetGuard(frozenset({"clicks"}))
+    guard.install(consumer)
+    wrapped = consumer._new_offset
+    guard.install(consumer)
+    assert consumer._new_offset is wrapped
+
+
+@pytest.mark.parametrize(
+    ("acked", "head", "holes", "expected"),
+    [
+        ([], 0, [], (None, 0)),
+        ([0, 1, 2], 0, [], (3, 3)),
+        ([1, 2], 0, [], (None, 0)),
+        ([3, 4, 5, 7], 3, [], (6, 3)),
+        ([1, 2, 3, 4], 3, [], (5, 4)),  # 1 and 2 are below the head: already committed
+        ([0, 4, 5], 0, [(1, 4)], (6, 3)),  # a confirmed hole is passed
+        ([4], 1, [(1, 4)], (5, 1)),
+        ([], 1, [(1, 4)], (None, 0)),  # a hole alone commits nothing: no message confirms it
+    ],
+)
+def test_commit_offset(
+    acked: list[int], head: int, holes: list[tuple[int, int]], expected: tuple[int | None, int]
+) -> None:
+    assert commit_offset(acked, head, holes) == expected
+
+
+def test_admission_after_a_gap_until_the_missing_offset_comes_back() -> None:
+    guard = OffsetGuard(frozenset({"clicks"}))
+    assert guard.admit(CLICKS, 10, committed=10)
+    assert not guard.admit(CLICKS, 14, committed=10)
+    assert not guard.admit(CLICKS, 15, committed=10)  # still waiting for 11: one seek only
+    assert guard.seeks_due(now=100.0) == [(CLICKS, 11)]
+    assert guard.seeks_due(now=101.0) == []  # asked already
+    assert guard.seeks_due(now=106.0) == [(CLICKS, 11)]  # nothing came: ask again
+    assert guard.admit(CLICKS, 11, committed=10)
+    assert guard.admit(CLICKS, 12, committed=10)
+    assert guard.admit(CLICKS, 11, committed=10)  # re-delivered: admitted, de-duplicated later
+    assert guard.position(CLICKS, committed=10) == 13
+    assert not guard.seeking
+
+
+def test_a_hole_the_broker_confirms_is_passed() -> None:
+    guard = OffsetGuard(frozenset({"clicks"}))
+    seeks: list[tuple[TP, int]] = []
+
+    class Consumer:
+        async def seek(self, tp: TP, offset: int) -> None:
+            seeks.append((tp, offset))
+
+    async def broker_first_offset(tp: TP, offset: int) -> int | None:
+        return {11: 13, 20: 20}.get(offset)  # 11..12 are transaction markers, 20 exists
+
+    guard.admit(CLICKS, 10, committed=10)
+    guard.admit(CLICKS, 13, committed=10)
+    asyncio.run(repair_gaps(guard, Consumer(), broker_first_offset))
+    assert seeks == [(CLICKS, 13)] and guard.holes[CLICKS] == [(11, 13)]
+    assert guard.admit(CLICKS, 13, committed=10)
+    assert guard.admit(CLICKS, 14, committed=10)
+    assert not guard.admit(CLICKS, 21, committed=10)
+    asyncio.run(repair_gaps(guard, Consumer(), broker_first_offset))
+    assert seeks[-1] == (CLICKS, 15)
+    guard.forget(CLICKS)
+    assert guard.position(CLICKS, committed=7) == 7 and CLICKS not in guard.holes
