@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "persona:profile:"
 LEADS_KEY = "persona:leads"
 """Sorted set of user ids by lead score: "top N leads now"."""
+ALIAS_PREFIX = "persona:alias:"
 SEGMENT_SIZES_KEY = "persona:segment-sizes"
 """Hash of ``<partition>/<segment>`` → users: each partition's owner writes absolute counts."""
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -35,6 +36,11 @@ RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 def profile_key(user_id: str) -> str:
     """Redis key of a user's profile hash; ``{user id}`` is the cluster hash tag."""
     return f"{KEY_PREFIX}{{{user_id}}}"
+
+
+def alias_key(anonymous_id: str) -> str:
+    """Redis key naming the user an anonymous id was merged into (same hash tag as its profile)."""
+    return f"{ALIAS_PREFIX}{{{anonymous_id}}}"
 
 
 def user_of_key(key: str | bytes) -> str:
@@ -115,9 +121,29 @@ class ProfileCache:
             pipe.zrem(LEADS_KEY, *user_ids)
             await pipe.execute()
 
+    async def relink(self, aliases: dict[str, str | None]) -> None:
+        """Re-key merged anonymous ids: their profile hash and lead entry go, and an alias key
+        points to the known user (``None``: the alias key goes too, after an erasure)."""
+        if not aliases:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for anonymous_id, user_id in aliases.items():
+                pipe.delete(profile_key(anonymous_id))
+                if user_id is None:
+                    pipe.delete(alias_key(anonymous_id))
+                else:
+                    pipe.set(alias_key(anonymous_id), user_id)
+            pipe.zrem(LEADS_KEY, *aliases)
+            await pipe.execute()
+
+    async def resolve(self, user_id: str) -> str:
+        """The known user an anonymous id was merged into; the id itself otherwise."""
+        target = await self.client.get(alias_key(user_id))
+        return (target.decode() if isinstance(target, bytes) else target) or user_id
+
     async def read_profile(self, user_id: str) -> dict[str, str]:
-        """The user's profile hash, decoded; empty when unknown."""
-        raw = await self.client.hgetall(profile_key(user_id))
+        """The user's profile hash (after following an alias), decoded; empty when unknown."""
+        raw = await self.client.hgetall(profile_key(await self.resolve(user_id)))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def top_leads(self, limit: int) -> list[tuple[str, float]]:

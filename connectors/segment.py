@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from models.events import CALL_TYPES, CONSENT_UPDATED, Event, topic_kind
+from models.events import CALL_TYPES, CONSENT_UPDATED, IDENTITY_TYPES, Event, topic_kind
 
 __all__ = [
     "BAD_FIELD",
@@ -197,6 +197,11 @@ def parse_event(
     # not a dict). Printable ids (all normal ones) pass with a single C call.
     if not user_id.isprintable() and _CONTROL_CHARS.search(user_id) is not None:
         return Rejection(BAD_FIELD, "user id contains control characters")
+    linked_id = ""
+    if call_type in IDENTITY_TYPES:
+        linked_id = _linked_id(get, call_type, user_id)
+        if isinstance(linked_id, Rejection):
+            return linked_id
 
     event_name = get("event")
     if call_type == "track":
@@ -264,7 +269,7 @@ def parse_event(
             return Rejection(BAD_FIELD, f"{where} must be an object, got {_kind(prefs)}")
         consent = {k.lower(): v for k, v in prefs.items() if v is True or v is False}
 
-    return {
+    event: Event = {
         "message_id": message_id,
         "user_id": user_id,
         "type": call_type,
@@ -274,6 +279,24 @@ def parse_event(
         "traits": traits,
         "consent": consent,
     }
+    if linked_id:
+        event["linked_id"] = linked_id
+    return event
+
+
+def _linked_id(get: Any, call_type: str, user_id: str) -> str | Rejection:
+    """The anonymous id an identify (``anonymousId``) or alias (``previousId``) call links to
+    ``userId``; ``""`` when the call links nothing."""
+    field = "previousId" if call_type == "alias" else "anonymousId"
+    other, known = get(field), get("userId")
+    if type(other) not in _ID_TYPES:
+        return Rejection(BAD_FIELD, f"{field} must be a string, got {_kind(other)}")
+    linked, known_id = _id_str(other), _id_str(known) if type(known) in _ID_TYPES else ""
+    if not linked or not known_id or linked == user_id:
+        return ""
+    if len(linked) > MAX_ID_LENGTH or _CONTROL_CHARS.search(linked) is not None:
+        return Rejection(BAD_FIELD, f"{field} is longer than {MAX_ID_LENGTH} or has controls")
+    return linked
 
 
 def route(payload: dict[str, Any]) -> str:

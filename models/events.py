@@ -14,7 +14,7 @@ wall-clock time: ``ts`` is the event time in epoch seconds.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 
 class Event(TypedDict):
@@ -34,6 +34,9 @@ class Event(TypedDict):
     traits: dict[str, Any]
     consent: dict[str, bool] | None
     """``context.consent.categoryPreferences`` with lower-cased category names, if stated."""
+    linked_id: NotRequired[str]
+    """On identify and alias calls: the anonymous id (``anonymousId``, ``previousId``) the call
+    links to ``userId``, when it differs. Its profile is merged into the user's."""
 
 
 PRODUCT_VIEWED = "Product Viewed"

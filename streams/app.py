@@ -32,6 +32,7 @@ import weakref
 from collections import Counter
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import faust
@@ -66,6 +67,16 @@ from streams.engine import (
     Outputs,
     now_for,
 )
+from streams.identity import (
+    IdentityWork,
+    alias_key,
+    alias_of,
+    erasure_request,
+    identity_topic_name,
+    run_claims,
+    run_merges,
+    run_unlinks,
+)
 from streams.ingest import BatchResult, Record, apply_events, parse_records
 from streams.metrics import Metrics
 from streams.offsets import OffsetGuard, repair_gaps
@@ -85,6 +96,8 @@ log = logging.getLogger(__name__)
 WATERMARK_KEY_PREFIX = b"\x00watermark/"
 """Table keys holding each partition's watermark (never a user id: ids are printable)."""
 ERASED_KEY_PREFIX = b"\x00erased/"
+INTERNAL_KEY_PREFIX = b"\x00"
+"""Table keys of the worker's own entries; user ids are printable, so never start with NUL."""
 """Table keys marking erased users, by keyed hash of the id (the raw id is forgotten)."""
 PARTITION_FIELD = "partition"
 EXAMPLES_PER_MESSAGE = 200
@@ -206,6 +219,10 @@ def create_app(settings: Settings) -> Persona:
     topics = {kind: app.topic(name, **raw) for kind, name in settings.topics.items()}
     topics["snapshots"] = app.topic(snapshots_topic_name(settings), **raw)
     topics["ticks"] = app.topic(ticks_name, partitions=settings.partitions, internal=True, **raw)
+    links_name = identity_topic_name(settings.app_id)
+    topics["identity_links"] = app.topic(
+        links_name, partitions=settings.partitions, internal=True, **raw
+    )
     persona = Persona(
         app,
         settings,
@@ -220,12 +237,16 @@ def create_app(settings: Settings) -> Persona:
             live=settings.live_clock,
         ),
         ordering=ReorderBuffer(settings.input_topics.values()),
-        offsets=OffsetGuard(frozenset(settings.input_topics.values())),
+        offsets=OffsetGuard(frozenset({*settings.input_topics.values(), links_name})),
         trainer_state=trainer_state,
     )
 
     inputs = app.topic(
-        *settings.input_topics.values(), ticks_name, partitions=settings.partitions, **raw
+        *settings.input_topics.values(),
+        ticks_name,
+        links_name,
+        partitions=settings.partitions,
+        **raw,
     )
 
     @app.agent(inputs, name="ingest")
@@ -473,21 +494,74 @@ def erasure_marker(persona: Persona, user_id: str) -> bytes:
     return ERASED_KEY_PREFIX + digest.encode()
 
 
+def _is_erased(persona: Persona, user_id: str) -> bool:
+    return persona.profiles.get(erasure_marker(persona, user_id)) is not None
+
+
+def _stitch_identities(
+    persona: Persona,
+    identity: IdentityWork,
+    released: list[tuple[Record, Event]],
+    result: BatchResult,
+    event_of_partition: dict[int, EventT],
+) -> None:
+    """Identity links of this batch: claims, merges and unlinks run, links and forwards sent."""
+
+    def write(partition: int, key: bytes, value: bytes | None) -> None:
+        with as_current_event(event_of_partition[partition]):
+            if value is not None:
+                persona.profiles[key] = value
+            elif key in persona.profiles:
+                del persona.profiles[key]
+
+    for target, event in result.forwarded:
+        identity.forward(target, event)
+    for _, event in released:
+        if "linked_id" in event and event["user_id"] not in result.erasures:
+            identity.link(event, result.changed.get(event["user_id"]))
+    load = partial(_load, persona)
+    run_claims(persona, identity, result.changed, result.partition_of, write, load)
+    run_merges(
+        persona,
+        identity,
+        result.changed,
+        result.partition_of,
+        load,
+        partial(_is_erased, persona),
+    )
+    run_unlinks(persona, identity, write)
+
+
 def erase_users(
-    persona: Persona, erasures: dict[str, tuple[float, int]], event_of_partition: dict[int, EventT]
+    persona: Persona,
+    erasures: dict[str, tuple[float, int]],
+    event_of_partition: dict[int, EventT],
+    identity: IdentityWork,
 ) -> Outputs:
     """Forget users who asked to be erased: profile (with its pending label snapshots, offer
     decisions, cart timers and de-duplication ids) out of the table, a keyed-hash marker in so
-    their later events are dropped, and tombstones for every output topic."""
+    their later events are dropped, and tombstones for every output topic.
+
+    Identity links go too: the aliases of anonymous ids merged into the user are unlinked, and
+    the erasure of an id merged into a known user erases that user (its data lives there now).
+    """
     out = Outputs()
     secret = persona.settings.pseudonym_secret
     for user_id, (at, partition) in erasures.items():
         key = user_id.encode()
         old = _load(persona, user_id)
+        target = alias_of(persona, user_id)
         with as_current_event(event_of_partition[partition]):
             if old is not None:
                 del persona.profiles[key]
+            if target is not None:
+                del persona.profiles[alias_key(user_id)]
             persona.profiles[erasure_marker(persona, user_id)] = repr(at).encode()
+        if old is not None:
+            identity.unlink_all(old)
+        if target is not None:
+            identity.relinked[user_id] = None
+            identity.forward(target, erasure_request(target, at))
         segment = ((old or {}).get(TRIGGERS_KEY) or {}).get("segment")
         if segment:
             persona.segment_counts.setdefault(partition, Counter())[segment] -= 1
@@ -509,7 +583,7 @@ def _index_partition(persona: Persona, partition: int) -> None:
             if int(key[len(WATERMARK_KEY_PREFIX) :]) == partition:
                 persona.clocks.restore(partition, float(raw))
             continue
-        if key.startswith(ERASED_KEY_PREFIX):
+        if key.startswith(INTERNAL_KEY_PREFIX):  # erasure markers, aliases
             continue
         profile = orjson.loads(raw)
         if profile.get(PARTITION_FIELD) != partition:
@@ -534,7 +608,9 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     )
     wall_now = time.time()
     ticks_topic = persona.topics["ticks"].get_topic_name()
+    links_topic = persona.topics["identity_links"].get_topic_name()
     records: list[Record] = []
+    identity = IdentityWork()
     event_of_partition: dict[int, EventT] = {}
     for e in events:
         message = e.message
@@ -550,9 +626,11 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
             if not persona.offsets.admit(tp, message.offset, _committed(persona, tp)):
                 message.incref()  # after a gap: read again, never acknowledged here
                 continue
-            records.append(
-                Record(message.topic, message.partition, message.offset, e.key, e.value, e)
-            )
+            record = Record(message.topic, message.partition, message.offset, e.key, e.value, e)
+            if message.topic == links_topic:
+                identity.add(record)
+            else:
+                records.append(record)
     if persona.offsets.seeking:
         await _repair_gaps(persona)
 
@@ -575,6 +653,9 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     released: list[tuple[Record, Event]] = []
     for partition in persona.ordering.partitions():
         released += persona.ordering.release(partition, _caught_up(persona, partition))
+    for record, _ in identity.forwarded:
+        record.source.message.incref()  # acknowledged with the released events
+    released += identity.forwarded
     for record, _ in released:
         event_of_partition.setdefault(record.partition, record.source)
     apply_events(
@@ -584,13 +665,13 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         dedupe_window=settings.dedupe_window,
         affinity_half_life_s=settings.affinity_half_life_days * 86400.0,
         after_event=engine.after_event,
-        is_erased=lambda user_id: (
-            persona.profiles.get(erasure_marker(persona, user_id)) is not None
-        ),
+        is_erased=lambda user_id: _is_erased(persona, user_id),
+        alias_of=lambda user_id: alias_of(persona, user_id),
     )
     for partition, max_ts in result.max_ts.items():
         clocks.observe(partition, max_ts, wall_now)
-    erasure_outputs = erase_users(persona, result.erasures, event_of_partition)
+    erasure_outputs = erase_users(persona, result.erasures, event_of_partition, identity)
+    _stitch_identities(persona, identity, released, result, event_of_partition)
 
     changed = result.changed
     for user_id, profile in changed.items():
@@ -671,6 +752,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         outputs.redis_fields, lead_scores=outputs.lead_scores, segment_sizes=segment_sizes
     )
     await persona.cache.erase(list(result.erasures))
+    await persona.cache.relink(identity.relinked)
     metrics.redis_write_seconds.observe(time.perf_counter() - redis_started)
     metrics.profile_writes.inc(len(outputs.redis_fields))
     metrics.observe_latency("redis_written", produced_at)
@@ -693,6 +775,8 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
             await persona.topics["training_examples"].send(
                 key=model.encode(), value=orjson.dumps({"model": model, "examples": chunk})
             )
+    for key, message in identity.outgoing:
+        await persona.topics["identity_links"].send(key=key.encode(), value=orjson.dumps(message))
     for (offer_id, policy, reason), count in outputs.decisions.items():
         metrics.offer_decisions.labels(offer=offer_id, policy=policy, reason=reason).inc(count)
     for (kind, reason), count in outputs.suppressed.items():

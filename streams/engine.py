@@ -171,6 +171,31 @@ class Engine:
             )
             self._examples += [("offers", example) for example in paid]
 
+    def merge_state(self, merged: dict[str, Any], anonymous: dict[str, Any]) -> None:
+        """Fold the anonymous profile's model state into ``merged`` (after ``merge_profiles``).
+
+        The open cart episode comes along when the known user has none (the cart was kept), so
+        its abandonment timer runs on the known profile; the trigger cap, offer history (for
+        frequency caps), pending offer decisions and label snapshots are the person's too.
+        """
+        theirs = anonymous.get(TRIGGERS_KEY) or {}
+        mine = merged.setdefault(TRIGGERS_KEY, triggers.new_state())
+        if mine.get("cart") is None and theirs.get("cart") is not None and merged["cart"]:
+            mine["cart"] = theirs["cart"]
+        mine["due"] = list(mine.get("due") or []) + list(theirs.get("due") or [])
+        sent = [t for t in (mine.get("sent_at"), theirs.get("sent_at")) if t is not None]
+        mine["sent_at"] = max(sent) if sent else None
+        their_offers = anonymous.get(OFFERS_KEY)
+        if their_offers:
+            state = offers.offer_state(merged)
+            state["history"] = sorted(state["history"] + their_offers.get("history", []),
+                                      key=lambda entry: entry[1])
+            state["pending"] = state["pending"] + their_offers.get("pending", [])
+        their_labels = (anonymous.get(LEAD_KEY) or {}).get("pending")
+        if their_labels:
+            state = merged.setdefault(LEAD_KEY, labels.new_state())
+            state["pending"] = state.get("pending", []) + their_labels
+
     def take_examples(self) -> list[tuple[str, dict[str, Any]]]:
         """The training examples :meth:`after_event` produced since the last call."""
         examples, self._examples = self._examples, []

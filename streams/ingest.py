@@ -55,7 +55,9 @@ class BatchResult:
     """Source partition of each changed user (where its table entry lives)."""
     rejected: list[tuple[Record, Rejection]] = field(default_factory=list)
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
-    """(topic, outcome) → events; outcome is ok, duplicate or deadletter."""
+    """(topic, outcome) → events; outcome is ok, duplicate, deadletter, erased or forwarded."""
+    forwarded: list[tuple[str, Event]] = field(default_factory=list)
+    """(known user id, event) for events of anonymous ids merged into a known user."""
     max_ts: dict[int, float] = field(default_factory=dict)
     """Largest event time per source partition (for the partition watermarks)."""
     by_type: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -98,12 +100,14 @@ def apply_events(
     affinity_half_life_s: float = 14 * 86400.0,
     after_event: Callable[[dict[str, Any], Event], None] | None = None,
     is_erased: Callable[[str], bool] | None = None,
+    alias_of: Callable[[str], str | None] | None = None,
 ) -> None:
     """Fold valid events, in the order given, into the profiles ``load_profile`` returns.
 
     Duplicates (a message id the profile already applied) are counted and skipped. An Erasure
     Requested event drops the user's profile from the batch and records the erasure; events of
-    an erased user (``is_erased``) are counted as ``erased`` and never applied.
+    an erased user (``is_erased``) are counted as ``erased`` and never applied. Events of an id
+    merged into a known user (``alias_of``) are counted as ``forwarded`` and listed for that user.
     ``after_event(profile, event)`` runs after each applied event (the models' per-event
     bookkeeping: cart episodes, labels, rewards). Everything runs on event time.
     """
@@ -126,6 +130,11 @@ def apply_events(
             if profile is None:
                 if is_erased is not None and is_erased(user_id):
                     counts[(record.topic, "erased")] += 1
+                    continue
+                target = alias_of(user_id) if alias_of is not None else None
+                if target is not None:
+                    result.forwarded.append((target, parsed))
+                    counts[(record.topic, "forwarded")] += 1
                     continue
                 profile = new_profile(user_id)
         seen: list[str] = profile.setdefault(SEEN_KEY, [])

@@ -250,6 +250,12 @@ class Metrics:
             "Times the consumer skipped input offsets and was sent back to read them",
             registry=r,
         )
+        self.identity_links = Counter(
+            "persona_identity_links",
+            "Identity stitching steps done: claim (anonymous profile moved), merge, unlink",
+            ["step"],
+            registry=r,
+        )
         self.held_events = Gauge(
             "persona_ordering_held_events",
             "Valid events waiting for event-time order across input topics (not yet applied)",

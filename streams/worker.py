@@ -28,7 +28,11 @@ from streams.settings import Settings
 
 def all_topics(settings: Settings) -> list[str]:
     """Every topic Persona reads or writes, created up front with the configured partitions."""
-    internal = (f"{settings.app_id}-ticks", f"{settings.app_id}-model-snapshots")
+    internal = (
+        f"{settings.app_id}-ticks",
+        f"{settings.app_id}-model-snapshots",
+        f"{settings.app_id}-identity-links",
+    )
     return [*settings.topics.values(), *internal]
 
 

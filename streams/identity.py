@@ -1,0 +1,185 @@
+"""Identity stitching on the stream: move an anonymous profile to the known user's partition.
+
+Input topics are keyed by user id, so an anonymous visitor's profile lives on the partition of
+its ``anonymousId`` and the known user's on the partition of the ``userId``. An identify (or
+alias) call that links the two reaches the user's partition; the link then travels over the
+internal topic ``<app>-identity-links`` (co-partitioned, keyed by the id whose partition must act):
+
+1. ``claim`` (key: anonymous id). The anonymous partition replaces the profile by an alias entry
+   (table key ``\\x00alias/<anonymous id>`` → user id), re-keys Redis (the profile hash goes, an
+   alias key ``persona:alias:{id}`` points to the user) and sends the profile on as ``merge``.
+2. ``merge`` (key: user id). The user's partition folds it in (``models.identity``): counts add,
+   cart and its abandonment timer kept, consent from the known user. The profile remembers the
+   anonymous ids merged (``merged_from``), so a re-delivered merge is skipped.
+3. ``forward`` (key: user id). A later event of an aliased anonymous id is sent on as this user's
+   event, so events on either id reach the same profile. Its message id keeps it counted once.
+4. ``unlink`` (key: anonymous id). After the user is erased, the alias entry and key go too.
+
+Every step is idempotent under re-delivery, and each is sent before the batch that caused it is
+acknowledged, so a crash repeats a step but never drops one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from models.events import ERASURE_REQUESTED, Event
+from models.features import new_profile
+from models.identity import already_merged, merge_profiles
+from streams.ingest import Record
+
+if TYPE_CHECKING:
+    from streams.app import Persona
+
+log = logging.getLogger(__name__)
+
+ALIAS_KEY_PREFIX = b"\x00alias/"
+CLAIM, MERGE, FORWARD, UNLINK = "claim", "merge", "forward", "unlink"
+
+
+def identity_topic_name(app_id: str) -> str:
+    return f"{app_id}-identity-links"
+
+
+def alias_key(anonymous_id: str) -> bytes:
+    """Table key of an anonymous id's alias entry (user ids never start with NUL)."""
+    return ALIAS_KEY_PREFIX + anonymous_id.encode()
+
+
+@dataclass
+class IdentityWork:
+    """Identity messages of one batch, by step, and the messages to send for later steps."""
+
+    forwarded: list[tuple[Record, Event]] = field(default_factory=list)
+    claims: list[tuple[str, str, int]] = field(default_factory=list)
+    """(anonymous id, user id, partition)."""
+    merges: list[tuple[str, str, dict[str, Any] | None, int]] = field(default_factory=list)
+    unlinks: list[tuple[str, str, int]] = field(default_factory=list)
+    outgoing: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    """(key, message) for the identity-links topic."""
+    relinked: dict[str, str | None] = field(default_factory=dict)
+    """Redis: anonymous id → the user its alias key points to (None: drop the alias key)."""
+
+    def add(self, record: Record) -> None:
+        """Sort one identity-links message into its step (the topic is internal: trusted)."""
+        message = orjson.loads(record.value)
+        op = message["op"]
+        if op == FORWARD:
+            self.forwarded.append((record, message["event"]))
+        elif op == CLAIM:
+            self.claims.append((message["anonymous_id"], message["user_id"], record.partition))
+        elif op == MERGE:
+            self.merges.append(
+                (message["anonymous_id"], message["user_id"], message["profile"], record.partition)
+            )
+        elif op == UNLINK:
+            self.unlinks.append((message["anonymous_id"], message["user_id"], record.partition))
+        else:
+            log.error("unknown identity-links message %r at offset %d", op, record.offset)
+
+    def send(self, key: str, op: str, **fields: Any) -> None:
+        self.outgoing.append((key, {"op": op, **fields}))
+
+    def forward(self, user_id: str, event: Event) -> None:
+        self.send(user_id, FORWARD, event={**event, "user_id": user_id})
+
+    def link(self, event: Event, known: dict[str, Any] | None) -> None:
+        """An applied identify/alias event: claim its anonymous id unless already merged."""
+        anonymous_id = event.get("linked_id")
+        if anonymous_id and (known is None or not already_merged(known, anonymous_id)):
+            self.send(anonymous_id, CLAIM, anonymous_id=anonymous_id, user_id=event["user_id"])
+
+    def unlink_all(self, erased: dict[str, Any]) -> None:
+        """The user ``erased`` is gone: so are the aliases of the anonymous ids merged into it."""
+        for anonymous_id in erased.get("merged_from", ()):
+            self.send(anonymous_id, UNLINK, anonymous_id=anonymous_id, user_id=erased["user_id"])
+
+
+def erasure_request(user_id: str, at: float) -> Event:
+    """The erasure of an id merged into ``user_id``, as that user's own erasure request."""
+    return Event(
+        message_id=f"erasure-of-merged-id/{at!r}",
+        user_id=user_id,
+        type="track",
+        event=ERASURE_REQUESTED,
+        ts=at,
+        properties={},
+        traits={},
+        consent=None,
+    )
+
+
+def alias_of(persona: Persona, user_id: str) -> str | None:
+    """The known user an anonymous id was merged into, if it was."""
+    target = persona.profiles.get(alias_key(user_id))
+    return target.decode() if target else None
+
+
+def run_claims(
+    persona: Persona,
+    work: IdentityWork,
+    changed: dict[str, dict[str, Any]],
+    partition_of: dict[str, int],
+    write: Any,
+    load: Any,
+) -> None:
+    """Step 1 on the anonymous id's partition: alias entry in, profile out and on to the user."""
+    for anonymous_id, user_id, partition in work.claims:
+        if alias_of(persona, anonymous_id) == user_id:
+            continue  # re-delivered claim: done already
+        profile = changed.pop(anonymous_id, None) or load(anonymous_id)
+        partition_of.pop(anonymous_id, None)
+        if profile is not None:
+            write(partition, anonymous_id.encode(), None)
+            segment = (profile.get("triggers") or {}).get("segment")
+            if segment:
+                persona.segment_counts.setdefault(partition, Counter())[segment] -= 1
+        write(partition, alias_key(anonymous_id), user_id.encode())
+        work.relinked[anonymous_id] = user_id
+        work.send(user_id, MERGE, anonymous_id=anonymous_id, user_id=user_id, profile=profile)
+        persona.metrics.identity_links.labels(step=CLAIM).inc()
+
+
+def run_merges(
+    persona: Persona,
+    work: IdentityWork,
+    changed: dict[str, dict[str, Any]],
+    partition_of: dict[str, int],
+    load: Any,
+    is_erased: Any,
+) -> None:
+    """Step 2 on the user's partition: fold the anonymous profile into the user's."""
+    settings = persona.settings
+    for anonymous_id, user_id, anonymous, partition in work.merges:
+        if is_erased(user_id):
+            work.send(anonymous_id, UNLINK, anonymous_id=anonymous_id, user_id=user_id)
+            continue
+        known = changed.get(user_id) or load(user_id)
+        if known is not None and already_merged(known, anonymous_id):
+            continue
+        anonymous = anonymous or new_profile(anonymous_id)
+        merged = merge_profiles(
+            known,
+            anonymous,
+            user_id=user_id,
+            affinity_half_life_s=settings.affinity_half_life_days * 86400.0,
+            dedupe_window=settings.dedupe_window,
+        )
+        persona.engine.merge_state(merged, anonymous)
+        changed[user_id] = merged
+        partition_of[user_id] = partition
+        persona.metrics.identity_links.labels(step=MERGE).inc()
+
+
+def run_unlinks(persona: Persona, work: IdentityWork, write: Any) -> None:
+    """Step 4 on the anonymous id's partition: the alias of an erased user goes."""
+    for anonymous_id, user_id, partition in work.unlinks:
+        if alias_of(persona, anonymous_id) == user_id:
+            write(partition, alias_key(anonymous_id), None)
+            work.relinked[anonymous_id] = None
+            persona.metrics.identity_links.labels(step=UNLINK).inc()
