@@ -188,8 +188,9 @@ class Engine:
         their_offers = anonymous.get(OFFERS_KEY)
         if their_offers:
             state = offers.offer_state(merged)
-            state["history"] = sorted(state["history"] + their_offers.get("history", []),
-                                      key=lambda entry: entry[1])
+            state["history"] = sorted(
+                state["history"] + their_offers.get("history", []), key=lambda entry: entry[1]
+            )
             state["pending"] = state["pending"] + their_offers.get("pending", [])
         their_labels = (anonymous.get(LEAD_KEY) or {}).get("pending")
         if their_labels:

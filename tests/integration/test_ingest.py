@@ -9,6 +9,7 @@ import asyncio
 import csv
 import subprocess
 import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -350,3 +351,93 @@ def test_first_offset_from_tells_a_missing_offset_from_a_hole(broker: EmbeddedBr
     assert asyncio.run(first_offset_from(broker.url, topic, 0, 1)) == 1
     assert asyncio.run(first_offset_from(broker.url, topic, 0, 0)) == 0
     assert asyncio.run(first_offset_from(broker.url, topic, 0, 3, timeout_s=0.5)) is None
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives ``key``."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    every = list(range(partitions))
+    return int(DefaultPartitioner()(key.encode(), every, every))
+
+
+def anonymous(anonymous_id: str, name: str, message_id: str, ts: str, **properties: Any) -> dict:
+    payload = event("", name, message_id, ts, **properties)
+    del payload["userId"], payload["context"]  # an anonymous visitor has stated no consent
+    payload["anonymousId"] = anonymous_id
+    return payload
+
+
+def test_identify_merges_the_anonymous_profile_and_both_ids_reach_it(engine, redis_client) -> None:
+    from streams.backtest import read_topic_records
+
+    settings, worker = engine
+    user, anon = "it-gina", "anon-gina-1"
+    assert partition_of(user, settings.partitions) != partition_of(anon, settings.partitions)
+    before = [
+        anonymous(anon, "Product Viewed", "g1", "2024-03-01T10:00:00Z", product_id="p1"),
+        anonymous(
+            anon,
+            "Product Added",
+            "g2",
+            "2024-03-01T10:01:00Z",
+            product_id="p1",
+            price=30.0,
+            quantity=2,
+            category="boots",
+        ),
+        event(user, "Product Viewed", "g3", "2024-02-01T09:00:00Z", product_id="p9"),
+    ]
+    send(settings, [clickstream(settings, e) for e in before])
+    wait_until(lambda: profile(redis_client, anon).get("events") == "2", what="anonymous profile")
+    wait_until(lambda: profile(redis_client, user).get("events") == "1", what="known profile")
+    identify = {
+        "type": "identify", "userId": user, "anonymousId": anon, "messageId": "g4",
+        "timestamp": "2024-03-01T10:02:00Z",
+        "context": {"consent": {"categoryPreferences": {"email": False, "advertising": True}}},
+    }  # fmt: skip
+    send(settings, [clickstream(settings, identify)])
+    wait_until(lambda: not redis_client.exists(profile_key(anon)), what="anonymous hash re-keyed")
+    wait_until(lambda: profile(redis_client, user).get("events") == "4", what="merged profile")
+    merged = profile(redis_client, user)
+    assert merged["cart_items"] == "2" and float(merged["cart_value"]) == pytest.approx(60.0)
+    assert merged["consent_email"] == "0" and merged["consent_advertising"] == "1"
+    assert redis_client.get(f"persona:alias:{{{anon}}}") == user
+
+    # Later events on either id reach the same profile; a re-sent event still counts once.
+    after = [
+        anonymous(anon, "Product Viewed", "g5", "2024-03-01T10:03:00Z", product_id="p2"),
+        event(user, "Product Viewed", "g6", "2024-03-01T10:04:00Z", product_id="p3"),
+        anonymous(anon, "Product Viewed", "g5", "2024-03-01T10:03:00Z", product_id="p2"),
+        identify,  # re-delivered: merges nothing twice
+    ]
+    send(settings, [clickstream(settings, e) for e in after])
+    wait_until(lambda: profile(redis_client, user).get("events") == "6", what="both ids applied")
+    marker = event("it-marker-g", "Product Viewed", "g7", "2024-03-01T10:05:00Z")
+    send(settings, [clickstream(settings, marker)])
+    wait_until(lambda: profile(redis_client, "it-marker-g").get("events") == "1", what="marker")
+    time.sleep(1.0)  # the forwarded copies travel one more hop; give them time to be wrong
+    assert profile(redis_client, user)["events"] == "6"
+    assert not redis_client.exists(profile_key(anon))
+    text = worker.scrape() or ""
+    assert 'outcome="forwarded"' in text and 'persona_identity_links_total{step="merge"}' in text
+
+    # Erasing the user takes the alias with it: no key names or points to either id.
+    send(
+        settings,
+        [clickstream(settings, event(user, "Erasure Requested", "g8", "2024-03-01T11:00:00Z"))],
+    )
+    wait_until(
+        lambda: not redis_client.exists(f"persona:alias:{{{anon}}}"), what="alias key unlinked"
+    )
+    assert not redis_client.exists(profile_key(user))
+    for key in redis_client.scan_iter(match="*"):
+        assert user not in key and anon not in key
+    changelog = asyncio.run(
+        read_topic_records(settings.broker_url, f"{settings.app_id}-profiles-changelog")
+    )
+    last: dict[bytes, bytes | None] = {}
+    for record in changelog:
+        last[record.key] = record.value
+    assert all(value is None for key, value in last.items() if anon.encode() in key)
+    assert last[user.encode()] is None
