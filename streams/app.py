@@ -79,7 +79,7 @@ from streams.identity import (
 )
 from streams.ingest import BatchResult, Record, apply_events, parse_records
 from streams.metrics import Metrics
-from streams.offsets import OffsetGuard, repair_gaps
+from streams.offsets import DONE, HOLD, OffsetGuard, repair_gaps
 from streams.ordering import ReorderBuffer
 from streams.settings import Settings
 from streams.training import (
@@ -240,6 +240,7 @@ def create_app(settings: Settings) -> Persona:
         offsets=OffsetGuard(frozenset({*settings.input_topics.values(), links_name})),
         trainer_state=trainer_state,
     )
+    persona.offsets.install(app.consumer)
 
     inputs = app.topic(
         *settings.input_topics.values(),
@@ -623,9 +624,12 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
                 clocks.tick(message.partition, wall_now)
         else:
             tp = message.tp
-            if not persona.offsets.admit(tp, message.offset, _committed(persona, tp)):
+            verdict = persona.offsets.admit(tp, message.offset, _committed(persona, tp))
+            if verdict == HOLD:
                 message.incref()  # after a gap: read again, never acknowledged here
                 continue
+            if verdict == DONE:
+                continue  # applied already; acknowledged with the batch
             record = Record(message.topic, message.partition, message.offset, e.key, e.value, e)
             if message.topic == links_topic:
                 identity.add(record)

@@ -7,22 +7,28 @@ must lose nothing that rule has three holes (faust-streaming 0.11, ``transport/c
    for compacted topics; a jump on an input topic means offsets were not delivered);
 2. the run may start one past the committed offset (``min(acked) - committed > 1``), so a
    single unacknowledged offset at the head (an event waiting in the reorder buffer) is skipped;
-3. with nothing committed yet the run may start anywhere.
+3. with nothing committed yet the run may start anywhere;
+4. a message below the partition's *read offset* is dropped unseen, and the read offset is
+   raised by every message of a fetch already under way, so messages read again after a seek
+   back can be dropped for good.
 
 After a restart or a takeover each of these committed offsets that no worker had applied, and a
 crash then lost those events for good. For the guarded topics this module replaces that rule: a
 commit advances only through acknowledged offsets in order, starting at the committed offset
-(or the log start). A jump in delivered offsets is read again (:meth:`OffsetGuard.admit` asks
-for a seek); only a hole the broker itself confirms (transaction markers, retention) is passed.
+(or the log start); Faust keeps no read offset for them (every delivered message reaches the
+guard); a jump in delivered offsets is read again (:meth:`OffsetGuard.admit` asks for a seek);
+only a hole the broker itself confirms (transaction markers, retention) is passed.
 
 >>> guard = OffsetGuard(frozenset({"clicks"}))
 >>> tp = ("clicks", 0)
 >>> guard.admit(tp, 5, committed=5), guard.admit(tp, 6, committed=5)
-(True, True)
->>> guard.admit(tp, 9, committed=5)  # 7 and 8 never arrived: skip 9, read again from 7
-False
+('apply', 'apply')
+>>> guard.admit(tp, 9, committed=5)  # 7 and 8 never arrived: hold 9, read again from 7
+'hold'
 >>> guard.seeks_due(now=0.0)
 [(('clicks', 0), 7)]
+>>> guard.admit(tp, 6, committed=5)  # applied already: acknowledge, do not apply again
+'done'
 >>> commit_offset([5, 6, 9], head=5)  # acknowledged 5, 6 and 9: commit up to 7 only
 (7, 2)
 >>> commit_offset([6, 7], head=5)  # 5 not acknowledged yet: nothing to commit
@@ -40,6 +46,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+APPLY, HOLD, DONE = "apply", "hold", "done"
+"""What to do with a delivered message: apply it; hold it unacknowledged (it comes after a gap
+and will be delivered again); acknowledge it without applying (applied already)."""
 SEEK_RETRY_S = 5.0
 """A seek that has not brought the missing offset after this long is made again."""
 
@@ -94,8 +103,8 @@ class OffsetGuard:
     holes: dict[Hashable, list[tuple[int, int]]] = field(default_factory=dict)
     seeking: dict[Hashable, _Seek] = field(default_factory=dict)
 
-    def admit(self, tp: Hashable, offset: int, committed: int | None) -> bool:
-        """Whether the message at ``offset`` continues its partition (else skip it, unacked).
+    def admit(self, tp: Hashable, offset: int, committed: int | None) -> str:
+        """:data:`APPLY`, :data:`HOLD` or :data:`DONE` for the message at ``offset``.
 
         ``committed`` is the group's committed offset, the first offset due after an assignment.
         """
@@ -105,13 +114,13 @@ class OffsetGuard:
         if expected is None or offset == expected:
             self.next_offset[tp] = offset + 1
             self.seeking.pop(tp, None)
-            return True
+            return APPLY
         if offset < expected:
-            return True  # re-delivery of an applied offset: events are de-duplicated by id
+            return DONE
         pending = self.seeking.get(tp)
         if pending is None or pending.offset != expected:
             self.seeking[tp] = _Seek(expected)
-        return False
+        return HOLD
 
     def seeks_due(self, now: float) -> list[tuple[Hashable, int]]:
         """Partitions to seek back (and where): new gaps, and seeks that brought nothing yet."""
@@ -164,7 +173,28 @@ class OffsetGuard:
 
         consumer._new_offset = _new_offset
         consumer._add_gap = _add_gap
+        consumer._read_offset = _ReadOffsets(self.topics, consumer._read_offset)
         consumer._persona_offset_guard = self
+
+
+class _ReadOffsets(dict[Any, int | None]):
+    """Faust's read offsets, kept as unknown (None) for the guarded topics: Faust then neither
+    drops a message read again after a seek back nor records a gap; the guard decides."""
+
+    def __init__(self, guarded: frozenset[str], offsets: dict[Any, int | None]) -> None:
+        super().__init__()
+        self.guarded = guarded
+        self.update(offsets)
+
+    def __missing__(self, tp: Any) -> None:
+        return None
+
+    def __setitem__(self, tp: Any, offset: int | None) -> None:
+        super().__setitem__(tp, None if tp.topic in self.guarded else offset)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        for tp, offset in dict(*args, **kwargs).items():
+            self[tp] = offset
 
 
 async def repair_gaps(

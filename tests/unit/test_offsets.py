@@ -9,7 +9,7 @@ import faust
 import pytest
 from faust.types import TP
 
-from streams.offsets import OffsetGuard, commit_offset, repair_gaps
+from streams.offsets import APPLY, DONE, HOLD, OffsetGuard, commit_offset, repair_gaps
 
 CLICKS = TP("clicks", 0)
 TICKS = TP("ticks", 0)
@@ -65,6 +65,16 @@ def test_gaps_are_not_filled_on_guarded_topics_and_still_are_on_others(consumer:
     assert consumer._new_offset(TICKS) == 21
 
 
+def test_faust_keeps_no_read_offset_for_guarded_topics(consumer: Any) -> None:
+    """Faust drops a message below the read offset: after a seek back, the guard must see it."""
+    consumer._read_offset[TICKS] = 7
+    OffsetGuard(frozenset({"clicks"})).install(consumer)
+    consumer._read_offset[CLICKS] = 40
+    consumer._read_offset.update({CLICKS: 41, TICKS: 8})
+    assert consumer._read_offset[CLICKS] is None and consumer._read_offset[TICKS] == 8
+    assert consumer._read_offset[TP("clicks", 9)] is None  # unknown partitions too
+
+
 def test_install_twice_wraps_once(consumer: Any) -> None:
     guard = OffsetGuard(frozenset({"clicks"}))
     guard.install(consumer)
@@ -94,15 +104,15 @@ def test_commit_offset(
 
 def test_admission_after_a_gap_until_the_missing_offset_comes_back() -> None:
     guard = OffsetGuard(frozenset({"clicks"}))
-    assert guard.admit(CLICKS, 10, committed=10)
-    assert not guard.admit(CLICKS, 14, committed=10)
-    assert not guard.admit(CLICKS, 15, committed=10)  # still waiting for 11: one seek only
+    assert guard.admit(CLICKS, 10, committed=10) == APPLY
+    assert guard.admit(CLICKS, 14, committed=10) == HOLD
+    assert guard.admit(CLICKS, 15, committed=10) == HOLD  # still waiting for 11: one seek only
     assert guard.seeks_due(now=100.0) == [(CLICKS, 11)]
     assert guard.seeks_due(now=101.0) == []  # asked already
     assert guard.seeks_due(now=106.0) == [(CLICKS, 11)]  # nothing came: ask again
-    assert guard.admit(CLICKS, 11, committed=10)
-    assert guard.admit(CLICKS, 12, committed=10)
-    assert guard.admit(CLICKS, 11, committed=10)  # re-delivered: admitted, de-duplicated later
+    assert guard.admit(CLICKS, 11, committed=10) == APPLY
+    assert guard.admit(CLICKS, 12, committed=10) == APPLY
+    assert guard.admit(CLICKS, 11, committed=10) == DONE  # re-delivered: acknowledged only
     assert guard.position(CLICKS, committed=10) == 13
     assert not guard.seeking
 
@@ -122,9 +132,9 @@ def test_a_hole_the_broker_confirms_is_passed() -> None:
     guard.admit(CLICKS, 13, committed=10)
     asyncio.run(repair_gaps(guard, Consumer(), broker_first_offset))
     assert seeks == [(CLICKS, 13)] and guard.holes[CLICKS] == [(11, 13)]
-    assert guard.admit(CLICKS, 13, committed=10)
-    assert guard.admit(CLICKS, 14, committed=10)
-    assert not guard.admit(CLICKS, 21, committed=10)
+    assert guard.admit(CLICKS, 13, committed=10) == APPLY
+    assert guard.admit(CLICKS, 14, committed=10) == APPLY
+    assert guard.admit(CLICKS, 21, committed=10) == HOLD
     asyncio.run(repair_gaps(guard, Consumer(), broker_first_offset))
     assert seeks[-1] == (CLICKS, 15)
     guard.forget(CLICKS)
