@@ -1,7 +1,7 @@
 """Offset guard: the committed offset of an input partition never passes an event not applied.
 
 Faust commits, per partition, the first run of consecutive acknowledged offsets. For topics that
-must lose nothing that rule has three holes (faust-streaming 0.11, ``transport/consumer.py``):
+must lose nothing that rule has four holes (faust-streaming 0.15, ``transport/consumer.py``):
 
 1. any jump in fetched offsets is recorded as a *gap* and later committed as if processed (meant
    for compacted topics; a jump on an input topic means offsets were not delivered);
