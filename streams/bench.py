@@ -30,7 +30,8 @@ compete for the two cores with each other:
 Throughput has one definition for every contender: events counted after the end of the first
 batch, divided by the time from the end of the first batch to the end of the last (the start of
 the first batch is not observable from ``/metrics``; the engine's end is the middle of the 0.1 s
-poll interval in which its count reached ``events``). Every contender uses the worker's settings
+poll interval in which its count reached ``events``). Every contender runs on uvloop (as the
+worker does) and uses the worker's settings
 (``PERSONA_*`` environment, as ``persona demo`` does), with the embedded broker's 2 s session
 timeout and 0.5 s heartbeat, and ``PERSONA_LIVE_CLOCK=false`` (simulated event time).
 """
@@ -57,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -491,6 +493,11 @@ class _Profiler:
         return self.path if self.path.exists() else None
 
 
+def _latency_profile(path: Path) -> Path:
+    """Where the profile of the paced (latency) run goes, beside the throughput run's."""
+    return path.with_name(f"{path.stem}-latency{path.suffix}")
+
+
 def summarize_profile(path: Path, top: int = 15) -> dict[str, list[tuple[str, float]]]:
     """Top frames of a ``py-spy -f raw`` file by self and by cumulative share of samples."""
     own: Counter[str] = Counter()
@@ -574,7 +581,9 @@ def run_bench(
 
         # 1. the ceiling
         ceiling_settings = _settings(broker, redis, data_dir, "ceiling", partitions)
-        ceiling = asyncio.run(_ceiling(ceiling_settings, n, timeout_s))
+        # On uvloop, as the worker and the count-only agent run: the same loop for every contender.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            ceiling = runner.run(_ceiling(ceiling_settings, n, timeout_s))
         result["ceiling_events_per_s"] = round(ceiling.events_per_s, 1)
         result["ceiling_cpu_cores"] = _round(ceiling.cpu_cores)
 
@@ -629,8 +638,15 @@ def run_bench(
             paced = _routed(engine_settings, raw, max(int(rate * duration), 100))
             before = latency_buckets(worker.scrape() or "")
             cpu_before, started = cpu_seconds(worker.pid), time.monotonic()
-            asyncio.run(produce_all(engine_settings.broker_url, paced, rate_per_s=rate))
-            _Poll([worker]).until(n + len(paced), timeout_s)
+            latency_profile = _latency_profile(profile_path) if profile_path else None
+            profiler = _Profiler(worker.pid, latency_profile) if latency_profile else None
+            try:
+                asyncio.run(produce_all(engine_settings.broker_url, paced, rate_per_s=rate))
+                _Poll([worker]).until(n + len(paced), timeout_s)
+            finally:
+                recorded = profiler.stop() if profiler else None
+            if recorded is not None:
+                result["latency_profile"] = str(recorded)
             after = latency_buckets(worker.scrape() or "")
             busy = (cpu_seconds(worker.pid) - cpu_before) / (time.monotonic() - started)
             result["latency_cpu_cores"] = round(busy, 2)

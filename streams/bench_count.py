@@ -46,6 +46,9 @@ def _write(path: Path, report: Mapping[str, Any]) -> None:
 def main(env: Mapping[str, str] | None = None) -> None:
     import faust
 
+    from streams.worker import execute_worker, use_uvloop
+
+    use_uvloop()
     env = os.environ if env is None else env
     topics = [t for t in env["PERSONA_BENCH_TOPICS"].split(",") if t]
     expected = int(env["PERSONA_BENCH_EXPECTED"])
@@ -94,8 +97,7 @@ def main(env: Mapping[str, str] | None = None) -> None:
                 written_at = now
                 _write(out, report)
 
-    worker = faust.Worker(app, loglevel="WARNING", quiet=True)
-    worker.execute_from_commandline()
+    execute_worker(app, "warning")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--workers", type=int, choices=(1, 2), default=1)
     bench.add_argument("--partitions", type=_positive_int, default=4)
-    bench.add_argument("--profile", type=Path, help="py-spy raw profile of the engine worker")
+    bench.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy raw profile of the engine worker (its paced run: <name>-latency<suffix>)",
+    )
     bench.add_argument("--json", action="store_true", help="end with one JSON line")
 
     dead = commands.add_parser("dead-letter", help="work with the dead-letter topic")
