@@ -241,6 +241,7 @@ def create_app(settings: Settings) -> Persona:
         trainer_state=trainer_state,
     )
     persona.offsets.install(app.consumer)
+    _limit_fetch_wait(app.consumer, settings.fetch_max_wait_ms)
 
     inputs = app.topic(
         *settings.input_topics.values(),
@@ -303,6 +304,19 @@ def create_app(settings: Settings) -> Persona:
             await cache.close()
 
     return persona
+
+
+def _limit_fetch_wait(consumer: Any, fetch_max_wait_ms: int) -> None:
+    """Give the aiokafka consumer Faust creates our fetch wait (Faust passes a fixed 1500 ms)."""
+    thread = consumer._thread
+    create = thread._create_consumer
+
+    def create_consumer(loop: asyncio.AbstractEventLoop) -> Any:
+        client = create(loop)
+        client._fetch_max_wait_ms = fetch_max_wait_ms  # read when the consumer starts
+        return client
+
+    thread._create_consumer = create_consumer
 
 
 def ticks_topic_name(settings: Settings) -> str:

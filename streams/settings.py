@@ -182,6 +182,13 @@ SETTINGS: dict[str, Setting] = {
         "longest wait to fill a batch, seconds",
         _positive_float,
     ),
+    "fetch_max_wait_ms": Setting(
+        "PERSONA_FETCH_MAX_WAIT_MS",
+        100,
+        "longest a consumer fetch waits at the broker for data (Faust fixes 1500; the embedded "
+        "broker holds a fetch most of that even when data arrives, so it bounds latency there)",
+        _positive_int,
+    ),
     "max_event_bytes": Setting(
         "PERSONA_MAX_EVENT_BYTES", 65536, "larger messages are dead-lettered", _positive_int
     ),
@@ -314,6 +321,7 @@ class Settings:
     heartbeat_s: float
     batch_size: int
     batch_within_s: float
+    fetch_max_wait_ms: int
     max_event_bytes: int
     max_future_s: float
     dedupe_window: int
