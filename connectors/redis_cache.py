@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,33 @@ RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 def profile_key(user_id: str) -> str:
     """Redis key of a user's profile hash; ``{user id}`` is the cluster hash tag."""
     return f"{KEY_PREFIX}{{{user_id}}}"
+
+
+def _bulk(value: str | bytes | float | int) -> bytes:
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def hset_command(key: str, mapping: Mapping[str, str | float | int]) -> bytes:
+    """``HSET key field value ...`` in RESP, ready to write to the socket.
+
+    >>> hset_command("h", {"a": "1"})
+    b'*4\\r\\n$4\\r\\nHSET\\r\\n$1\\r\\nh\\r\\n$1\\r\\na\\r\\n$1\\r\\n1\\r\\n'
+    """
+    parts = [b"$4\r\nHSET\r\n", _bulk(key)]
+    for field, value in mapping.items():
+        parts.append(_bulk(field))
+        parts.append(_bulk(value))
+    return b"*%d\r\n%b" % (2 + 2 * len(mapping), b"".join(parts))
+
+
+def zadd_command(key: str, scores: Mapping[str, float]) -> bytes:
+    """``ZADD key score member ...`` in RESP (scores written with ``repr``: exact floats)."""
+    parts = [b"$4\r\nZADD\r\n", _bulk(key)]
+    for member, score in scores.items():
+        parts.append(_bulk(repr(float(score))))
+        parts.append(_bulk(member))
+    return b"*%d\r\n%b" % (2 + 2 * len(scores), b"".join(parts))
 
 
 def alias_key(anonymous_id: str) -> str:
@@ -87,14 +115,12 @@ class ProfileCache:
         while True:
             started = time.perf_counter()
             try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for user_id, summary in summaries.items():
-                        pipe.hset(profile_key(user_id), mapping=dict(summary))
-                    if lead_scores:
-                        pipe.zadd(LEADS_KEY, dict(lead_scores))
-                    if segment_sizes:
-                        pipe.hset(SEGMENT_SIZES_KEY, mapping=dict(segment_sizes))
-                    await pipe.execute()
+                commands = [hset_command(profile_key(u), s) for u, s in summaries.items()]
+                if lead_scores:
+                    commands.append(zadd_command(LEADS_KEY, lead_scores))
+                if segment_sizes:
+                    commands.append(hset_command(SEGMENT_SIZES_KEY, segment_sizes))
+                await self._send_packed(commands)
             except RETRYABLE as exc:
                 self.write_errors += 1
                 if self.on_error is not None:
@@ -110,6 +136,23 @@ class ProfileCache:
                 continue
             self.last_write_s = time.perf_counter() - started
             return
+
+    async def _send_packed(self, commands: list[bytes]) -> None:
+        """Send RESP-encoded commands in one write and read every reply (a pipeline without
+        redis-py's per-command packing, which cost more than the rest of a batch's writes)."""
+        pool = self.client.connection_pool
+        connection = await pool.get_connection("HSET")
+        try:
+            await connection.send_packed_command(b"".join(commands), check_health=False)
+            for _ in commands:
+                reply = await connection.read_response()
+                if isinstance(reply, ResponseError):
+                    raise reply
+        except BaseException:
+            await connection.disconnect()  # a half-read reply stream must not be reused
+            raise
+        finally:
+            await pool.release(connection)
 
     async def erase(self, user_ids: list[str]) -> None:
         """Remove everything Persona keeps in Redis about these users (erasure requests)."""

@@ -744,7 +744,9 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     for user_id, profile in changed.items():
         with as_current_event(event_of_partition[result.partition_of[user_id]]):
             persona.profiles[user_id.encode()] = orjson.dumps(profile)
-    produced_at = [e.message.timestamp for e in events if e.message.topic != ticks_topic]
+    # Latency counts from the produce time of the events applied now (a held event counts when
+    # it is released, in the batch that writes its effect, not in the batch it arrived with).
+    produced_at = [record.source.message.timestamp for record, _ in released]
     metrics.observe_latency("profile_updated", produced_at)
     for partition, event in event_of_partition.items():
         watermark = clocks.watermark(partition)
