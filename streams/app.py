@@ -81,6 +81,7 @@ from streams.ingest import BatchResult, Record, apply_events, parse_records
 from streams.metrics import Metrics
 from streams.offsets import DONE, HOLD, OffsetGuard, repair_gaps
 from streams.ordering import ReorderBuffer
+from streams.outbox import Outbox
 from streams.settings import Settings
 from streams.training import (
     TrainerState,
@@ -519,15 +520,13 @@ def _stitch_identities(
     released: list[tuple[Record, Event]],
     result: BatchResult,
     event_of_partition: dict[int, EventT],
+    outbox: Outbox,
 ) -> None:
     """Identity links of this batch: claims, merges and unlinks run, links and forwards sent."""
 
     def write(partition: int, key: bytes, value: bytes | None) -> None:
         with as_current_event(event_of_partition[partition]):
-            if value is not None:
-                persona.profiles[key] = value
-            elif key in persona.profiles:
-                del persona.profiles[key]
+            outbox.write(persona.profiles, partition, key, value)
 
     for target, event in result.forwarded:
         identity.forward(target, event)
@@ -552,6 +551,7 @@ def erase_users(
     erasures: dict[str, tuple[float, int]],
     event_of_partition: dict[int, EventT],
     identity: IdentityWork,
+    outbox: Outbox,
 ) -> Outputs:
     """Forget users who asked to be erased: profile (with its pending label snapshots, offer
     decisions, cart timers and de-duplication ids) out of the table, a keyed-hash marker in so
@@ -567,11 +567,11 @@ def erase_users(
         old = _load(persona, user_id)
         target = alias_of(persona, user_id)
         with as_current_event(event_of_partition[partition]):
-            if old is not None:
-                del persona.profiles[key]
-            if target is not None:
-                del persona.profiles[alias_key(user_id)]
-            persona.profiles[erasure_marker(persona, user_id)] = repr(at).encode()
+            outbox.write(persona.profiles, partition, key, None)
+            outbox.write(persona.profiles, partition, alias_key(user_id), None)
+            outbox.write(
+                persona.profiles, partition, erasure_marker(persona, user_id), repr(at).encode()
+            )
         if old is not None:
             identity.unlink_all(old)
         if target is not None:
@@ -688,8 +688,9 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     )
     for partition, max_ts in result.max_ts.items():
         clocks.observe(partition, max_ts, wall_now)
-    erasure_outputs = erase_users(persona, result.erasures, event_of_partition, identity)
-    _stitch_identities(persona, identity, released, result, event_of_partition)
+    outbox = Outbox(persona.app.producer)
+    erasure_outputs = erase_users(persona, result.erasures, event_of_partition, identity, outbox)
+    _stitch_identities(persona, identity, released, result, event_of_partition, outbox)
 
     changed = result.changed
     for user_id, profile in changed.items():
@@ -726,10 +727,12 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
             counts[new_segment] += 1
 
     # Dead letters, table, Redis, output topics: in that order, all before the batch is acked.
+    topic_name = {kind: topic.get_topic_name() for kind, topic in persona.topics.items()}
     for record, rejection in result.rejected:
-        await persona.topics["deadletter"].send(
-            key=record.key,
-            value=dead_letter_record(
+        outbox.send(
+            topic_name["deadletter"],
+            record.key,
+            dead_letter_record(
                 record.value,
                 topic=record.topic,
                 partition=record.partition,
@@ -742,8 +745,9 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         metrics.deadletters.labels(reason=rejection.reason).inc()
 
     for user_id, profile in changed.items():
-        with as_current_event(event_of_partition[result.partition_of[user_id]]):
-            persona.profiles[user_id.encode()] = orjson.dumps(profile)
+        partition = result.partition_of[user_id]
+        with as_current_event(event_of_partition[partition]):
+            outbox.write(persona.profiles, partition, user_id.encode(), orjson.dumps(profile))
     # Latency counts from the produce time of the events applied now (a held event counts when
     # it is released, in the batch that writes its effect, not in the batch it arrived with).
     produced_at = [record.source.message.timestamp for record, _ in released]
@@ -753,9 +757,8 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         if math.isfinite(watermark) and watermark > persona.saved_watermarks.get(partition, -1.0):
             persona.saved_watermarks[partition] = watermark
             with as_current_event(event):
-                persona.profiles[WATERMARK_KEY_PREFIX + str(partition).encode()] = repr(
-                    watermark
-                ).encode()
+                key = WATERMARK_KEY_PREFIX + str(partition).encode()
+                outbox.write(persona.profiles, partition, key, repr(watermark).encode())
 
     totals: Counter[str] = Counter()
     for counts in persona.segment_counts.values():
@@ -778,9 +781,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     metrics.observe_latency("redis_written", produced_at)
 
     for emission in outputs.emissions:
-        await persona.topics[emission.kind].send(
-            key=emission.key, value=orjson.dumps(emission.payload)
-        )
+        outbox.send(topic_name[emission.kind], emission.key, orjson.dumps(emission.payload))
         tombstone_sent = emission.payload.get("type") == "tombstone"
         metrics.triggers.labels(
             kind="tombstone" if tombstone_sent else TRIGGER_KIND[emission.kind]
@@ -792,11 +793,10 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     for model, examples in by_model.items():
         for start in range(0, len(examples), EXAMPLES_PER_MESSAGE):
             chunk = examples[start : start + EXAMPLES_PER_MESSAGE]
-            await persona.topics["training_examples"].send(
-                key=model.encode(), value=orjson.dumps({"model": model, "examples": chunk})
-            )
-    for key, message in identity.outgoing:
-        await persona.topics["identity_links"].send(key=key.encode(), value=orjson.dumps(message))
+            value = orjson.dumps({"model": model, "examples": chunk})
+            outbox.send(topic_name["training_examples"], model.encode(), value)
+    for user_or_id, message in identity.outgoing:
+        outbox.send(topic_name["identity_links"], user_or_id.encode(), orjson.dumps(message))
     for (offer_id, policy, reason), count in outputs.decisions.items():
         metrics.offer_decisions.labels(offer=offer_id, policy=policy, reason=reason).inc(count)
     for (kind, reason), count in outputs.suppressed.items():
@@ -810,13 +810,13 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     if records:
         metrics.batch_events.observe(len(records))
         metrics.batch_seconds.observe(time.perf_counter() - started)
-    for record, _ in released:
-        record.source.ack()
     metrics.held_events.set(persona.ordering.held())
 
     # Everything this batch produced (changelog, outputs, dead letters, examples) is on the
     # broker before the batch is acknowledged: a crash can only re-deliver, never lose.
-    await persona.app.producer.flush()
+    await outbox.flush()
+    for record, _ in released:
+        record.source.ack()
 
     # Last: a watermark gauge at or past a time means this batch's outputs were all sent.
     metrics.set_watermarks(
