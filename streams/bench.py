@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +195,8 @@ class _Poll:
     duplicates: bool = True
     others: dict[str, int] = field(default_factory=dict)
     """Other processes (name → pid) whose CPU over the window is reported too."""
+    halfway: Callable[[], None] | None = None
+    """Called once, when the count first reaches half of what is expected."""
 
     def count(self) -> tuple[float, int]:
         t0 = time.monotonic()
@@ -224,6 +226,9 @@ class _Poll:
             t, count = self.count()
             if count != last:
                 changed_at, last = t, count
+            if self.halfway is not None and count >= expected / 2:
+                self.halfway()
+                self.halfway = None
             if count > 0 and first is None:
                 first = (t, count)
                 cpu_first = sum(cpu_seconds(w.pid) for w in self.workers if w.pid)
@@ -611,13 +616,26 @@ def run_bench(
         with _engine_workers(engine_settings, 1) as (worker,):
             assert worker.pid is not None
             rss_start = rss_kib(worker.pid)
+            halfway: dict[str, int] = {}
+
+            def at_halfway() -> None:
+                assert worker.pid is not None
+                halfway["rss"] = rss_kib(worker.pid)
+                halfway["profiles"] = asyncio.run(_count_profiles(engine_settings.redis_url))
+
             profiler = _Profiler(worker.pid, profile_path) if profile_path else None
             try:
-                engine = _Poll([worker], others=servers_pids).until(n, timeout_s)
+                poll = _Poll([worker], others=servers_pids, halfway=at_halfway)
+                engine = poll.until(n, timeout_s)
             finally:
                 recorded = profiler.stop() if profiler else None
             rss_end = rss_kib(worker.pid)
             profiles = asyncio.run(_count_profiles(engine_settings.redis_url))
+            result["store"] = engine_settings.store
+            added = profiles - halfway.get("profiles", profiles)
+            result["rss_mb_per_100k_profiles_second_half"] = (
+                round((rss_end - halfway["rss"]) / 1024 / added * 100_000, 1) if added > 0 else None
+            )
             result["engine_events_per_s"] = round(engine.events_per_s, 1)
             result["engine_cpu_cores"] = _round(engine.cpu_cores)
             result["broker_cpu_cores"] = engine.others_cores.get("broker")
@@ -701,9 +719,11 @@ def format_report(result: dict[str, Any]) -> str:
         f"  latency produce → Redis at {result['latency_rate_per_s']:,.0f} events/s (half the "
         f"engine's rate, {result['latency_events']} events): p50 {_ms(p50)}, p99 {_ms(p99)} "
         f"({_cores(result.get('latency_cpu_cores'))})",
-        f"  memory: {result['rss_mb_per_100k_profiles']:.0f} MiB RSS per 100k profiles "
+        f"  memory ({result.get('store', 'memory://')} store): "
+        f"{result['rss_mb_per_100k_profiles']:.0f} MiB RSS per 100k profiles "
         f"({result['rss_start_mb']:.0f} → {result['rss_end_mb']:.0f} MiB for "
-        f"{result['profiles']} profiles)",
+        f"{result['profiles']} profiles); second half of the run alone: "
+        f"{_mib(result.get('rss_mb_per_100k_profiles_second_half'))} per 100k new profiles",
         "",
         "how: the input is produced once; each contender reads it under its own consumer group, "
         "alone on the machine.",
@@ -720,9 +740,15 @@ def format_report(result: dict[str, Any]) -> str:
         "  from the Kafka produce timestamp, interpolated linearly inside buckets (bounds 5, 10, "
         "25, 50, 100, 250 ms, ...): coarse.",
         "  memory: worker VmRSS after the run minus right after start-up, over the profiles in "
-        "Redis; includes Faust buffers, not only profiles.",
+        "Redis; includes Faust buffers, not only profiles;",
+        "  the second-half figure leaves start-up growth out: RSS growth from the halfway count "
+        "to the end over the profiles added meanwhile.",
     ]
     return "\n".join(lines)
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f} MiB"
 
 
 def _ms(value: float | None) -> str:
