@@ -141,7 +141,7 @@ class ProfileCache:
         """Send RESP-encoded commands in one write and read every reply (a pipeline without
         redis-py's per-command packing, which cost more than the rest of a batch's writes)."""
         pool = self.client.connection_pool
-        connection = await pool.get_connection("HSET")
+        connection = await pool.get_connection()
         try:
             await connection.send_packed_command(b"".join(commands), check_health=False)
             for _ in commands:
