@@ -209,12 +209,14 @@ def create_app(settings: Settings) -> Persona:
     engine = build_engine(settings)
     metrics = Metrics()
     cache = ProfileCache(settings.redis_url, on_error=metrics.redis_errors.inc)
-    profiles = app.Table(
-        "profiles", partitions=settings.partitions, key_type=bytes, value_type=bytes
-    )
-    trainer_state = app.Table(
-        "trainer-state", partitions=settings.partitions, key_type=bytes, value_type=bytes
-    )
+    table_options = {
+        "partitions": settings.partitions,
+        "key_type": bytes,
+        "value_type": bytes,
+        "options": rocksdb_options(settings.rocksdb_memory_mb),
+    }
+    profiles = app.Table("profiles", **table_options)
+    trainer_state = app.Table("trainer-state", **table_options)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     ticks_name = ticks_topic_name(settings)
     topics = {kind: app.topic(name, **raw) for kind, name in settings.topics.items()}
@@ -305,6 +307,21 @@ def create_app(settings: Settings) -> Persona:
             await cache.close()
 
     return persona
+
+
+def rocksdb_options(memory_mb: int) -> dict[str, int]:
+    """RocksDB options (used by the rocksdb:// store only) for ``memory_mb`` per partition.
+
+    >>> rocksdb_options(64)["block_cache_size"] // 2**20, rocksdb_options(64)["write_buffer_size"]
+    (64, 16777216)
+    """
+    mib = 2**20
+    return {
+        "block_cache_size": memory_mb * mib,
+        "block_cache_compressed_size": memory_mb * mib // 4,
+        "write_buffer_size": max(memory_mb * mib // 4, mib),
+        "max_write_buffer_number": 2,
+    }
 
 
 def _limit_fetch_wait(consumer: Any, fetch_max_wait_ms: int) -> None:

@@ -154,6 +154,13 @@ SETTINGS: dict[str, Setting] = {
         "table store: memory:// or rocksdb:// (needs the rocksdb extra)",
         _store,
     ),
+    "rocksdb_memory_mb": Setting(
+        "PERSONA_ROCKSDB_MEMORY_MB",
+        64,
+        "with rocksdb://: block cache per table partition, MiB (the write buffers take half as "
+        "much again, the compressed cache a quarter); RocksDB's defaults allow 2.7 GiB",
+        _positive_int,
+    ),
     "data_dir": Setting(
         "PERSONA_DATA_DIR", ".persona", "worker data directory (table stores, embedded logs)"
     ),
@@ -321,6 +328,7 @@ class Settings:
     heartbeat_s: float
     batch_size: int
     batch_within_s: float
+    rocksdb_memory_mb: int
     fetch_max_wait_ms: int
     max_event_bytes: int
     max_future_s: float
