@@ -40,7 +40,14 @@ from models.features import (
     new_profile,
 )
 
-__all__ = ["MAX_MERGED_IDS", "MERGED_FROM_KEY", "SUMMED", "already_merged", "merge_profiles"]
+__all__ = [
+    "MAX_MERGED_IDS",
+    "MERGED_FROM_KEY",
+    "SUMMED",
+    "already_merged",
+    "merge_profiles",
+    "record_merged",
+]
 
 MERGED_FROM_KEY = "merged_from"
 """Anonymous ids folded into a profile: a re-delivered merge is recognised and skipped, and an
@@ -76,6 +83,16 @@ def already_merged(known: dict[str, Any], anonymous_id: str) -> bool:
     return anonymous_id in known.get(MERGED_FROM_KEY, ())
 
 
+def record_merged(profile: dict[str, Any], anonymous_id: str) -> None:
+    """Note in ``profile`` that ``anonymous_id`` was merged into it (the last 50 are kept).
+
+    >>> p = {}; record_merged(p, "a-1"); record_merged(p, "a-1"); p
+    {'merged_from': ['a-1']}
+    """
+    ids = [i for i in profile.get(MERGED_FROM_KEY, []) if i != anonymous_id]
+    profile[MERGED_FROM_KEY] = [*ids, anonymous_id][-MAX_MERGED_IDS:]
+
+
 def merge_profiles(
     known: dict[str, Any] | None,
     anonymous: dict[str, Any],
@@ -108,8 +125,7 @@ def merge_profiles(
     known_ids = set(seen)
     seen += [m for m in anonymous.get("seen", []) if m not in known_ids]
     merged["seen"] = seen[-dedupe_window:]
-    ids = [i for i in merged.get(MERGED_FROM_KEY, []) if i != anonymous["user_id"]]
-    merged[MERGED_FROM_KEY] = [*ids, anonymous["user_id"]][-MAX_MERGED_IDS:]
+    record_merged(merged, anonymous["user_id"])
     return merged
 
 

@@ -122,6 +122,9 @@ class Persona:
     """Users per segment, per partition owned here (absolute counts written to Redis)."""
     saved_watermarks: dict[int, float] = field(default_factory=dict)
     ordering: ReorderBuffer = field(default_factory=lambda: ReorderBuffer(()))
+    internal_keys: set[bytes] = field(default_factory=set)
+    """Erasure markers and aliases in the table: most lookups of them miss, and a miss in the
+    RocksDB store searches every partition's database."""
     offsets: OffsetGuard = field(default_factory=lambda: OffsetGuard(frozenset()))
     """What this worker applied per input partition; keeps commits from passing a gap."""
     trainer_state: Any = None  # faust Table[bytes, bytes]: signed checkpoints by model
@@ -528,7 +531,19 @@ def erasure_marker(persona: Persona, user_id: str) -> bytes:
 
 
 def _is_erased(persona: Persona, user_id: str) -> bool:
-    return persona.profiles.get(erasure_marker(persona, user_id)) is not None
+    return erasure_marker(persona, user_id) in persona.internal_keys
+
+
+def write_table(
+    persona: Persona, outbox: Outbox, partition: int, key: bytes, value: bytes | None
+) -> None:
+    """Set or delete a profiles-table entry (an event of ``partition`` is current)."""
+    outbox.write(persona.profiles, partition, key, value)
+    if key.startswith(INTERNAL_KEY_PREFIX):
+        if value is None:
+            persona.internal_keys.discard(key)
+        else:
+            persona.internal_keys.add(key)
 
 
 def _stitch_identities(
@@ -543,7 +558,7 @@ def _stitch_identities(
 
     def write(partition: int, key: bytes, value: bytes | None) -> None:
         with as_current_event(event_of_partition[partition]):
-            outbox.write(persona.profiles, partition, key, value)
+            write_table(persona, outbox, partition, key, value)
 
     for target, event in result.forwarded:
         identity.forward(target, event)
@@ -584,11 +599,10 @@ def erase_users(
         old = _load(persona, user_id)
         target = alias_of(persona, user_id)
         with as_current_event(event_of_partition[partition]):
-            outbox.write(persona.profiles, partition, key, None)
-            outbox.write(persona.profiles, partition, alias_key(user_id), None)
-            outbox.write(
-                persona.profiles, partition, erasure_marker(persona, user_id), repr(at).encode()
-            )
+            write_table(persona, outbox, partition, key, None)
+            write_table(persona, outbox, partition, alias_key(user_id), None)
+            marker = erasure_marker(persona, user_id)
+            write_table(persona, outbox, partition, marker, repr(at).encode())
         if old is not None:
             identity.unlink_all(old)
         if target is not None:
@@ -616,6 +630,7 @@ def _index_partition(persona: Persona, partition: int) -> None:
                 persona.clocks.restore(partition, float(raw))
             continue
         if key.startswith(INTERNAL_KEY_PREFIX):  # erasure markers, aliases
+            persona.internal_keys.add(key)
             continue
         profile = orjson.loads(raw)
         if profile.get(PARTITION_FIELD) != partition:

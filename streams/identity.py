@@ -30,7 +30,7 @@ import orjson
 
 from models.events import ERASURE_REQUESTED, Event
 from models.features import new_profile
-from models.identity import already_merged, merge_profiles
+from models.identity import already_merged, merge_profiles, record_merged
 from streams.ingest import Record
 
 if TYPE_CHECKING:
@@ -116,7 +116,10 @@ def erasure_request(user_id: str, at: float) -> Event:
 
 def alias_of(persona: Persona, user_id: str) -> str | None:
     """The known user an anonymous id was merged into, if it was."""
-    target = persona.profiles.get(alias_key(user_id))
+    key = alias_key(user_id)
+    if key not in persona.internal_keys:
+        return None
+    target = persona.profiles.get(key)
     return target.decode() if target else None
 
 
@@ -162,7 +165,13 @@ def run_merges(
         known = changed.get(user_id) or load(user_id)
         if known is not None and already_merged(known, anonymous_id):
             continue
-        anonymous = anonymous or new_profile(anonymous_id)
+        if anonymous is None:  # the anonymous id had no events: only the link is kept
+            merged = known if known is not None else new_profile(user_id)
+            record_merged(merged, anonymous_id)
+            changed[user_id] = merged
+            partition_of[user_id] = partition
+            persona.metrics.identity_links.labels(step=MERGE).inc()
+            continue
         merged = merge_profiles(
             known,
             anonymous,

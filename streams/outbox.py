@@ -9,9 +9,10 @@ work per message:
   batch event given) and queues the changelog record for that same partition, exactly the record
   Faust would have sent, so recovery and standbys read it unchanged;
 - messages for other topics are queued too;
-- :meth:`Outbox.flush` hands everything to the aiokafka producer in order and waits until the
-  broker has it all; only then does the caller acknowledge the batch (at-least-once), and the
-  RocksDB store learns the changelog offsets it holds (Faust's ``set_persisted_offset``).
+- :meth:`Outbox.flush` hands the messages to the aiokafka producer, waits until the broker has
+  them, then does the same with the changelog records; only then does the caller acknowledge
+  the batch (at-least-once), and the RocksDB store learns the changelog offsets it holds
+  (Faust's ``set_persisted_offset``).
 """
 
 from __future__ import annotations
@@ -53,12 +54,22 @@ class Outbox:
         self.pending.append((topic, key, value, partition, None))
 
     async def flush(self) -> None:
-        """Send everything queued, in order, and wait until the broker has acknowledged it."""
+        """Send everything queued and wait until the broker has acknowledged it.
+
+        Messages first, table changelog records after them: a worker killed in between has sent
+        a trigger whose state change is not yet recorded, so the batch runs again and sends the
+        same trigger (same idempotency key) again; the other order would record a trigger as
+        sent that never was.
+        """
         pending, self.pending = self.pending, []
+        for topic, key, value, partition, table in pending:
+            if table is None:
+                await self.producer.send(topic, key, value, partition, None, None)
+        await self.producer.flush()
         sent = []
         for topic, key, value, partition, table in pending:
-            future = await self.producer.send(topic, key, value, partition, None, None)
             if table is not None:
+                future = await self.producer.send(topic, key, value, partition, None, None)
                 sent.append((table, future))
         await self.producer.flush()
         persisted: dict[tuple[Any, TP], int] = {}
