@@ -44,6 +44,15 @@ def _bulk(value: str | bytes | float | int) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
+def command(*args: str | bytes) -> bytes:
+    """Any Redis command in RESP.
+
+    >>> command("DEL", "k")
+    b'*2\\r\\n$3\\r\\nDEL\\r\\n$1\\r\\nk\\r\\n'
+    """
+    return b"*%d\r\n%b" % (len(args), b"".join(_bulk(a) for a in args))
+
+
 def hset_command(key: str, mapping: Mapping[str, str | float | int]) -> bytes:
     """``HSET key field value ...`` in RESP, ready to write to the socket.
 
@@ -109,25 +118,52 @@ class ProfileCache:
         Every write is absolute (HSET, ZADD, HSET of counts), never an increment, so writing the
         same batch twice after a crash leaves Redis as writing it once.
         """
-        if not summaries and not lead_scores and not segment_sizes:
+        commands = [hset_command(profile_key(u), s) for u, s in summaries.items()]
+        if lead_scores:
+            commands.append(zadd_command(LEADS_KEY, lead_scores))
+        if segment_sizes:
+            commands.append(hset_command(SEGMENT_SIZES_KEY, segment_sizes))
+        await self._write(commands, f"{len(summaries)} profiles")
+
+    async def erase(self, user_ids: list[str]) -> None:
+        """Remove everything Persona keeps in Redis about these users (erasure requests)."""
+        if user_ids:
+            commands = [command("DEL", profile_key(u)) for u in user_ids]
+            commands.append(command("ZREM", LEADS_KEY, *user_ids))
+            await self._write(commands, f"erasure of {len(user_ids)} users")
+
+    async def relink(self, aliases: dict[str, str | None]) -> None:
+        """Re-key merged anonymous ids: their profile hash and lead entry go, and an alias key
+        points to the known user (``None``: the alias key goes too, after an erasure)."""
+        if not aliases:
+            return
+        commands = []
+        for anonymous_id, user_id in aliases.items():
+            commands.append(command("DEL", profile_key(anonymous_id)))
+            if user_id is None:
+                commands.append(command("DEL", alias_key(anonymous_id)))
+            else:
+                commands.append(command("SET", alias_key(anonymous_id), user_id))
+        commands.append(command("ZREM", LEADS_KEY, *aliases))
+        await self._write(commands, f"{len(aliases)} identity links")
+
+    async def _write(self, commands: list[bytes], what: str) -> None:
+        """Send ``commands`` as one pipeline; on a connection failure retry with backoff until
+        Redis takes them (every command here is absolute, so repeating one is harmless)."""
+        if not commands:
             return
         backoff = 0.05
         while True:
             started = time.perf_counter()
             try:
-                commands = [hset_command(profile_key(u), s) for u, s in summaries.items()]
-                if lead_scores:
-                    commands.append(zadd_command(LEADS_KEY, lead_scores))
-                if segment_sizes:
-                    commands.append(hset_command(SEGMENT_SIZES_KEY, segment_sizes))
                 await self._send_packed(commands)
             except RETRYABLE as exc:
                 self.write_errors += 1
                 if self.on_error is not None:
                     self.on_error()
                 log.warning(
-                    "redis write of %d profiles failed (%s); retrying in %.2fs",
-                    len(summaries),
+                    "redis write of %s failed (%s); retrying in %.2fs",
+                    what,
                     type(exc).__name__,
                     backoff,
                 )
@@ -153,31 +189,6 @@ class ProfileCache:
             raise
         finally:
             await pool.release(connection)
-
-    async def erase(self, user_ids: list[str]) -> None:
-        """Remove everything Persona keeps in Redis about these users (erasure requests)."""
-        if not user_ids:
-            return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for user_id in user_ids:
-                pipe.delete(profile_key(user_id))
-            pipe.zrem(LEADS_KEY, *user_ids)
-            await pipe.execute()
-
-    async def relink(self, aliases: dict[str, str | None]) -> None:
-        """Re-key merged anonymous ids: their profile hash and lead entry go, and an alias key
-        points to the known user (``None``: the alias key goes too, after an erasure)."""
-        if not aliases:
-            return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for anonymous_id, user_id in aliases.items():
-                pipe.delete(profile_key(anonymous_id))
-                if user_id is None:
-                    pipe.delete(alias_key(anonymous_id))
-                else:
-                    pipe.set(alias_key(anonymous_id), user_id)
-            pipe.zrem(LEADS_KEY, *aliases)
-            await pipe.execute()
 
     async def resolve(self, user_id: str) -> str:
         """The known user an anonymous id was merged into; the id itself otherwise."""

@@ -30,7 +30,7 @@ import orjson
 
 from models.events import ERASURE_REQUESTED, Event
 from models.features import new_profile
-from models.identity import already_merged, merge_profiles, record_merged
+from models.identity import MERGED_FROM_KEY, already_merged, merge_profiles, record_merged
 from streams.ingest import Record
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class IdentityWork:
 
     def unlink_all(self, erased: dict[str, Any]) -> None:
         """The user ``erased`` is gone: so are the aliases of the anonymous ids merged into it."""
-        for anonymous_id in erased.get("merged_from", ()):
+        for anonymous_id in erased.get(MERGED_FROM_KEY, ()):
             self.send(anonymous_id, UNLINK, anonymous_id=anonymous_id, user_id=erased["user_id"])
 
 
