@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ALIAS_KEY_PREFIX = b"\x00alias/"
+TableWrite = Callable[[int, bytes, bytes | None], None]
+"""Set (or, with None, delete) a profiles-table key on a partition."""
 CLAIM, MERGE, FORWARD, UNLINK = "claim", "merge", "forward", "unlink"
 
 
@@ -128,8 +131,8 @@ def run_claims(
     work: IdentityWork,
     changed: dict[str, dict[str, Any]],
     partition_of: dict[str, int],
-    write: Any,
-    load: Any,
+    write: TableWrite,
+    load: Callable[[str], dict[str, Any] | None],
 ) -> None:
     """Step 1 on the anonymous id's partition: alias entry in, profile out and on to the user."""
     for anonymous_id, user_id, partition in work.claims:
@@ -153,8 +156,8 @@ def run_merges(
     work: IdentityWork,
     changed: dict[str, dict[str, Any]],
     partition_of: dict[str, int],
-    load: Any,
-    is_erased: Any,
+    load: Callable[[str], dict[str, Any] | None],
+    is_erased: Callable[[str], bool],
 ) -> None:
     """Step 2 on the user's partition: fold the anonymous profile into the user's."""
     settings = persona.settings
@@ -185,7 +188,7 @@ def run_merges(
         persona.metrics.identity_links.labels(step=MERGE).inc()
 
 
-def run_unlinks(persona: Persona, work: IdentityWork, write: Any) -> None:
+def run_unlinks(persona: Persona, work: IdentityWork, write: TableWrite) -> None:
     """Step 4 on the anonymous id's partition: the alias of an erased user goes."""
     for anonymous_id, user_id, partition in work.unlinks:
         if alias_of(persona, anonymous_id) == user_id:
