@@ -733,21 +733,15 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     outputs = erasure_outputs
     for partition in event_of_partition:
         watermark = clocks.watermark(partition)
-        for user_id in persona.timers.pop_due(partition, watermark):
-            profile, stored = changed.get(user_id), None
-            if profile is None:
-                stored = persona.profiles.get(user_id.encode())
-                if stored is None:
-                    continue  # erased since it was scheduled
-                profile = orjson.loads(stored)
-            outputs.extend(engine.on_due(user_id, profile, watermark))
-            if stored is not None and orjson.dumps(profile) == stored:
-                # A stale heap entry (the user's deadline moved on): nothing to write or score.
-                due = engine.next_due(profile)
-                if due is not None:
-                    persona.timers.schedule(partition, due, user_id)
-                continue
-            # on_due may have changed timer state even when nothing fired: write it back.
+        due_outputs, touched = engine.run_due(
+            persona.timers,
+            partition,
+            watermark,
+            changed,
+            lambda user_id: persona.profiles.get(user_id.encode()),
+        )
+        outputs.extend(due_outputs)
+        for user_id, profile in touched:
             changed[user_id] = profile
             result.partition_of[user_id] = partition
             old_segments.setdefault(user_id, (profile.get(TRIGGERS_KEY) or {}).get("segment"))

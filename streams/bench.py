@@ -354,11 +354,9 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
         partitions = {tp.partition for tp in batch} | set(result.max_ts)
         for partition in partitions:
             watermark = clocks.watermark(partition)
-            for user_id in timers.pop_due(partition, watermark):
-                profile = changed.get(user_id) or load(user_id)
-                if profile is None:
-                    continue
-                outputs.extend(engine.on_due(user_id, profile, watermark))
+            due_outputs, touched = engine.run_due(timers, partition, watermark, changed, table.get)
+            outputs.extend(due_outputs)
+            for user_id, profile in touched:
                 changed[user_id] = profile
                 result.partition_of[user_id] = partition
                 old.setdefault(user_id, (profile.get(TRIGGERS_KEY) or {}).get("segment"))

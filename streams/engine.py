@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from models.lead import LeadModel
 from models.offers import OfferCatalog, OfferPolicy
 from models.segments import ProfileClusters, RuleSegmenter
 from models.triggers import AbandonedCart, TriggerConfig
+from streams.clock import TimerIndex
 
 TRIGGERS_KEY = "triggers"
 LEAD_KEY = "lead"
@@ -325,6 +327,40 @@ class Engine:
         out.emissions.append(Emission("offers", payload["pseudonymous_id"].encode(), payload))
 
     # -- timers ------------------------------------------------------------------------------
+
+    def run_due(
+        self,
+        timers: TimerIndex,
+        partition: int,
+        watermark: float,
+        changed: dict[str, dict[str, Any]],
+        stored: Callable[[str], bytes | None],
+    ) -> tuple[Outputs, list[tuple[str, dict[str, Any]]]]:
+        """Run the timers of ``partition`` due at ``watermark``: their outputs, and the profiles
+        they changed (to score and write back).
+
+        A due user is taken from ``changed`` (this batch's profiles) or loaded with ``stored``
+        (its serialized profile). A heap entry can be stale (the user's deadline moved on since):
+        when :meth:`on_due` leaves the stored profile as it was, the timer is scheduled again
+        and the profile is neither scored nor written.
+        """
+        outputs = Outputs()
+        touched = []
+        for user_id in timers.pop_due(partition, watermark):
+            profile, raw = changed.get(user_id), None
+            if profile is None:
+                raw = stored(user_id)
+                if raw is None:
+                    continue  # erased since it was scheduled
+                profile = orjson.loads(raw)
+            outputs.extend(self.on_due(user_id, profile, watermark))
+            if raw is not None and orjson.dumps(profile) == raw:
+                due = self.next_due(profile)
+                if due is not None:
+                    timers.schedule(partition, due, user_id)
+                continue
+            touched.append((user_id, profile))  # timer state may change without a trigger
+        return outputs, touched
 
     def next_due(self, profile: dict[str, Any]) -> float | None:
         """Earliest event time at which :meth:`on_due` has work for this profile."""
