@@ -630,9 +630,13 @@ def run_bench(
             rss_end = rss_kib(worker.pid)
             profiles = asyncio.run(_count_profiles(engine_settings.redis_url))
             result["store"] = engine_settings.store
+            # Only meaningful when the second half adds many profiles (users >> events per user):
+            # otherwise it divides the growth of existing profiles by a handful of new ones.
             added = profiles - halfway.get("profiles", profiles)
             result["rss_mb_per_100k_profiles_second_half"] = (
-                round((rss_end - halfway["rss"]) / 1024 / added * 100_000, 1) if added > 0 else None
+                round((rss_end - halfway["rss"]) / 1024 / added * 100_000, 1)
+                if added >= profiles / 4
+                else None
             )
             result["engine_events_per_s"] = round(engine.events_per_s, 1)
             result["engine_cpu_cores"] = _round(engine.cpu_cores)
@@ -721,7 +725,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['rss_mb_per_100k_profiles']:.0f} MiB RSS per 100k profiles "
         f"({result['rss_start_mb']:.0f} → {result['rss_end_mb']:.0f} MiB for "
         f"{result['profiles']} profiles); second half of the run alone: "
-        f"{_mib(result.get('rss_mb_per_100k_profiles_second_half'))} per 100k new profiles",
+        f"{_mib(result.get('rss_mb_per_100k_profiles_second_half'))} per 100k new profiles "
+        "(n/a: fewer than a quarter of the profiles were new then)",
         "",
         "how: the input is produced once; each contender reads it under its own consumer group, "
         "alone on the machine.",
