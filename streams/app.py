@@ -284,7 +284,6 @@ def create_app(settings: Settings) -> Persona:
     @app.on_partitions_assigned.connect
     async def guard_offsets(app: faust.App, assigned: set[Any], **kwargs: Any) -> None:
         """Commits of input partitions start at the log start when nothing was committed."""
-        persona.offsets.install(app.consumer)
         guarded = [tp for tp in assigned if tp.topic in persona.offsets.topics]
         if guarded:
             persona.offsets.log_start.update(await app.consumer.earliest_offsets(*guarded))
@@ -600,7 +599,8 @@ def erase_users(
         target = alias_of(persona, user_id)
         with as_current_event(event_of_partition[partition]):
             write_table(persona, outbox, partition, key, None)
-            write_table(persona, outbox, partition, alias_key(user_id), None)
+            if target is not None:
+                write_table(persona, outbox, partition, alias_key(user_id), None)
             marker = erasure_marker(persona, user_id)
             write_table(persona, outbox, partition, marker, repr(at).encode())
         if old is not None:
