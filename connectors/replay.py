@@ -64,6 +64,7 @@ from typing import Any
 
 import orjson
 
+from models import jsonbytes
 from models.events import (
     ORDER_COMPLETED,
     ORDER_REFUNDED,
@@ -242,7 +243,7 @@ def _track(message_id: str, user_id: str, event: str, iso: str, props: dict[str,
 
 
 def _message(ts: float, user_id: str, payload: dict[str, Any]) -> ReplayMessage:
-    return ReplayMessage(ts, user_id.encode(), orjson.dumps(payload), payload)
+    return ReplayMessage(ts, user_id.encode(), jsonbytes.dumps(payload), payload)
 
 
 def _csv_rows(

@@ -61,6 +61,7 @@ from typing import Any
 
 import orjson
 
+from models import jsonbytes
 from models.events import (
     CART_VIEWED,
     CHECKOUT_STARTED,
@@ -617,7 +618,7 @@ class ShopperSimulator:
         bad = 0
         for event in self.events():
             record = (topic_kind(event["type"], event.get("event", "")),
-                      event["userId"].encode(), orjson.dumps(event))  # fmt: skip
+                      event["userId"].encode(), jsonbytes.dumps(event))  # fmt: skip
             out = [record]
             if p_dup and rng.random() < p_dup:
                 heapq.heappush(resend, (n + rng.randint(1, 100), n, record))
@@ -681,7 +682,7 @@ class ShopperSimulator:
             )
         else:  # unknown_type
             bad["type"] = rng.choice(("bogus", "TRACK", "purchase"))
-        return stream, key, orjson.dumps(bad)
+        return stream, key, jsonbytes.dumps(bad)
 
 
 _TABLE_SIZE = 4096

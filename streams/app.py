@@ -52,6 +52,7 @@ from connectors.kafka import first_offset_from as first_offset_from_broker
 from connectors.payloads import tombstone
 from connectors.redis_cache import ProfileCache
 from connectors.segment import dead_letter_record
+from models import jsonbytes
 from models.config import load_config
 from models.events import Event
 from models.snapshots import SnapshotSignatureError, verify_and_load
@@ -782,7 +783,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     for user_id, profile in changed.items():
         partition = result.partition_of[user_id]
         with as_current_event(event_of_partition[partition]):
-            outbox.write(persona.profiles, partition, user_id.encode(), orjson.dumps(profile))
+            outbox.write(persona.profiles, partition, user_id.encode(), jsonbytes.dumps(profile))
     # Latency counts from the produce time of the events applied now (a held event counts when
     # it is released, in the batch that writes its effect, not in the batch it arrived with).
     produced_at = [record.source.message.timestamp for record, _ in released]

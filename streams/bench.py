@@ -67,6 +67,7 @@ from connectors.embedded import stop_process_group as _stop_group
 from connectors.kafka import Message, bootstrap_servers, produce_all
 from connectors.redis_cache import ProfileCache
 from connectors.simulator import ShopperSimulator
+from models import jsonbytes
 from streams.app import build_engine
 from streams.clock import PartitionClocks, TimerIndex
 from streams.engine import TRIGGERS_KEY, Outputs, now_for
@@ -375,7 +376,7 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
                 if old.get(user_id):
                     counts[old[user_id]] -= 1
                 counts[new] += 1
-            table[user_id] = orjson.dumps(profile)
+            table[user_id] = jsonbytes.dumps(profile)
         sizes = {
             f"{p}/{segment}": n
             for p in partitions
