@@ -58,6 +58,7 @@ from models.events import Event
 from models.snapshots import SnapshotSignatureError, verify_and_load
 from streams.api import add_routes
 from streams.clock import PartitionClocks, TimerIndex
+from streams.drain import install_batch_drain
 from streams.engine import (
     MODELS,
     TRIGGER_KIND,
@@ -94,6 +95,9 @@ from streams.training import (
 )
 
 log = logging.getLogger(__name__)
+
+PRODUCE_BATCH_BYTES = 512 * 1024
+"""Producer record batch size: under Kafka's default ``message.max.bytes`` (1 MB)."""
 
 WATERMARK_KEY_PREFIX = b"\x00watermark/"
 """Table keys holding each partition's watermark (never a user id: ids are printable)."""
@@ -209,6 +213,10 @@ def create_app(settings: Settings) -> Persona:
         web_port=settings.web_port,
         autodiscover=False,
         stream_wait_empty=False,
+        # One record batch per partition and flush: a batch's changelog records (a profile each,
+        # 1-3 KB) overflowed the default 16 KiB batch every few records, and each extra batch of a
+        # partition waits for the one before it to reach the broker.
+        producer_max_batch_size=PRODUCE_BATCH_BYTES,
     )
     engine = build_engine(settings)
     metrics = Metrics()
@@ -249,6 +257,8 @@ def create_app(settings: Settings) -> Persona:
     )
     persona.offsets.install(app.consumer)
     _limit_fetch_wait(app.consumer, settings.fetch_max_wait_ms)
+    if settings.batch_drain:
+        install_batch_drain(app.consumer)
 
     inputs = app.topic(
         *settings.input_topics.values(),

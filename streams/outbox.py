@@ -9,10 +9,10 @@ work per message:
   batch event given) and queues the changelog record for that same partition, exactly the record
   Faust would have sent, so recovery and standbys read it unchanged;
 - messages for other topics are queued too;
-- :meth:`Outbox.flush` hands the messages to the aiokafka producer, waits until the broker has
-  them, then does the same with the changelog records; only then does the caller acknowledge
-  the batch (at-least-once), and the RocksDB store learns the changelog offsets it holds
-  (Faust's ``set_persisted_offset``).
+- :meth:`Outbox.flush` hands the messages to the aiokafka producer as one record batch per
+  partition (:func:`send_batched`), waits until the broker has them, then does the same with
+  the changelog records; only then does the caller acknowledge the batch (at-least-once), and
+  the RocksDB store learns the changelog offsets it holds (Faust's ``set_persisted_offset``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
 
@@ -62,20 +63,48 @@ class Outbox:
         sent that never was.
         """
         pending, self.pending = self.pending, []
-        for topic, key, value, partition, table in pending:
-            if table is None:
-                await self.producer.send(topic, key, value, partition, None, None)
-        await self.producer.flush()
-        sent = []
-        for topic, key, value, partition, table in pending:
-            if table is not None:
-                future = await self.producer.send(topic, key, value, partition, None, None)
-                sent.append((table, future))
-        await self.producer.flush()
-        persisted: dict[tuple[Any, TP], int] = {}
-        for table, future in sent:
-            metadata = future.result()
-            tp = TP(metadata.topic, metadata.partition)
-            persisted[(table, tp)] = max(persisted.get((table, tp), -1), metadata.offset)
-        for (table, tp), offset in persisted.items():
-            table.data.set_persisted_offset(tp, offset)
+        producer = self.producer._producer  # the aiokafka producer under Faust's
+        messages = [(t, k, v, p) for t, k, v, p, table in pending if table is None]
+        await send_batched(producer, messages)
+        tables = {(t, p): table for t, k, v, p, table in pending if table is not None}
+        changelog = [(t, k, v, p) for t, k, v, p, table in pending if table is not None]
+        for (topic, partition), offset in (await send_batched(producer, changelog)).items():
+            tables[(topic, partition)].data.set_persisted_offset(TP(topic, partition), offset)
+
+
+async def send_batched(
+    producer: Any, messages: list[tuple[str, bytes | None, bytes | None, int | None]]
+) -> dict[tuple[str, int], int]:
+    """Send ``(topic, key, value, partition)`` messages as one record batch per partition (more
+    when one overflows the producer's batch size), in order within each partition; wait for the
+    broker's acknowledgements; the last offset written on each ``(topic, partition)``.
+
+    aiokafka's per-message ``send`` creates a future per message and appends it to a batch
+    anyway; building the batches here skips that. ``partition`` None: by key, with the default
+    partitioner (murmur2), as ``send`` would choose.
+    """
+    by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+    for topic, key, value, partition in messages:
+        if partition is None:
+            partitions = sorted(await producer.partitions_for(topic))
+            partition = DefaultPartitioner()(key, partitions, partitions)
+        by_partition.setdefault((topic, partition), []).append((key, value))
+    sent: list[tuple[str, int, int, Any]] = []
+    for (topic, partition), records in by_partition.items():
+        batch, count = producer.create_batch(), 0
+        for key, value in records:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it
+                sent.append((topic, partition, count, await producer.send_batch(
+                    batch, topic, partition=partition)))  # fmt: skip
+                batch, count = producer.create_batch(), 0
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    raise ValueError(f"a message for {topic} is larger than a whole batch")
+            count += 1
+        sent.append((topic, partition, count, await producer.send_batch(
+            batch, topic, partition=partition)))  # fmt: skip
+    last: dict[tuple[str, int], int] = {}
+    for topic, partition, count, future in sent:
+        metadata = await future
+        offset = metadata.offset + count - 1
+        last[(topic, partition)] = max(last.get((topic, partition), -1), offset)
+    return last

@@ -196,6 +196,13 @@ SETTINGS: dict[str, Setting] = {
         "broker holds a fetch most of that even when data arrives, so it bounds latency there)",
         _positive_int,
     ),
+    "batch_drain": Setting(
+        "PERSONA_BATCH_DRAIN",
+        True,
+        "hand each consumer fetch to the streams under one wait instead of one per message "
+        "(streams/drain.py); false restores Faust's own loop",
+        _boolean,
+    ),
     "max_event_bytes": Setting(
         "PERSONA_MAX_EVENT_BYTES", 65536, "larger messages are dead-lettered", _positive_int
     ),
@@ -330,6 +337,7 @@ class Settings:
     batch_within_s: float
     rocksdb_memory_mb: int
     fetch_max_wait_ms: int
+    batch_drain: bool
     max_event_bytes: int
     max_future_s: float
     dedupe_window: int

@@ -353,6 +353,50 @@ def test_first_offset_from_tells_a_missing_offset_from_a_hole(broker: EmbeddedBr
     assert asyncio.run(first_offset_from(broker.url, topic, 0, 3, timeout_s=0.5)) is None
 
 
+def test_send_batched_keeps_order_partitioning_and_reports_last_offsets(
+    broker: EmbeddedBroker,
+) -> None:
+    """The outbox's batch send: where aiokafka's own ``send`` would put each message, in order,
+    across batch overflows, with the last offset per partition for the table store."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.backtest import read_topic_records
+    from streams.outbox import send_batched
+
+    topic = "outbox-batches"
+    asyncio.run(create_topics(broker.url, [topic], partitions=3))
+    messages = [(topic, b"k%d" % (i % 7), b"v%04d" % i + b"." * 300, None) for i in range(60)]
+    messages += [(topic, b"pinned", b"p%d" % i, 2) for i in range(5)]
+
+    async def send() -> dict[tuple[str, int], int]:
+        # A 2 KiB batch holds a few of these messages: most partitions overflow into more.
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers(broker.url), max_batch_size=2048
+        )
+        await producer.start()
+        try:
+            return await send_batched(producer, messages)
+        finally:
+            await producer.stop()
+
+    last = asyncio.run(send())
+    records = asyncio.run(read_topic_records(broker.url, topic))
+    assert len(records) == len(messages)
+    for _, key, value, partition in messages:
+        got = [r.partition for r in records if r.value == value]
+        assert got == [_expected_partition(key, partition)], (key, value[:5])
+    for p in range(3):
+        in_p = [r for r in records if r.partition == p]
+        sent_in_order = [v for _, k, v, q in messages if _expected_partition(k, q) == p]
+        assert [r.value for r in in_p] == sent_in_order
+        if in_p:
+            assert last[(topic, p)] == in_p[-1].offset
+
+
+def _expected_partition(key: bytes, pinned: int | None) -> int:
+    return pinned if pinned is not None else partition_of(key.decode(), 3)
+
+
 def partition_of(key: str, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner gives ``key``."""
     from aiokafka.partitioner import DefaultPartitioner
