@@ -67,6 +67,7 @@ from streams.engine import (
     Engine,
     EngineOptions,
     Outputs,
+    due_limit,
     now_for,
 )
 from streams.identity import (
@@ -742,6 +743,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
 
     # Timers: what the watermarks made due, before scoring, so Redis sees the result.
     outputs = erasure_outputs
+    due_share = due_limit(settings.max_due_per_batch, len(event_of_partition))
     for partition in event_of_partition:
         watermark = clocks.watermark(partition)
         due_outputs, touched = engine.run_due(
@@ -750,8 +752,10 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
             watermark,
             changed,
             lambda user_id: persona.profiles.get(user_id.encode()),
+            limit=due_share,
         )
         outputs.extend(due_outputs)
+        metrics.timers_fired.inc(len(touched))
         for user_id, profile in touched:
             changed[user_id] = profile
             result.partition_of[user_id] = partition
@@ -790,10 +794,14 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         )
         metrics.deadletters.labels(reason=rejection.reason).inc()
 
-    for user_id, profile in changed.items():
-        partition = result.partition_of[user_id]
+    by_partition: dict[int, list[str]] = {}
+    for user_id in changed:
+        by_partition.setdefault(result.partition_of[user_id], []).append(user_id)
+    for partition, user_ids in by_partition.items():
         with as_current_event(event_of_partition[partition]):
-            outbox.write(persona.profiles, partition, user_id.encode(), jsonbytes.dumps(profile))
+            for user_id in user_ids:
+                value = jsonbytes.dumps(changed[user_id])
+                outbox.write(persona.profiles, partition, user_id.encode(), value)
     # Latency counts from the produce time of the events applied now (a held event counts when
     # it is released, in the batch that writes its effect, not in the batch it arrived with).
     produced_at = [record.source.message.timestamp for record, _ in released]
@@ -824,6 +832,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     await persona.cache.relink(identity.relinked)
     metrics.redis_write_seconds.observe(time.perf_counter() - redis_started)
     metrics.profile_writes.inc(len(outputs.redis_fields))
+    metrics.timers_pending.set(len(persona.timers))
     metrics.observe_latency("redis_written", produced_at)
 
     for emission in outputs.emissions:

@@ -97,13 +97,16 @@ class TimerIndex:
     def schedule(self, partition: int, due: float, user_id: str) -> None:
         heapq.heappush(self._heaps.setdefault(partition, []), (due, user_id))
 
-    def pop_due(self, partition: int, watermark: float) -> list[str]:
-        """Users with an entry due at or before ``watermark``, each once, earliest first."""
+    def pop_due(self, partition: int, watermark: float, limit: int | None = None) -> list[str]:
+        """Users with an entry due at or before ``watermark``, each once, earliest first; at
+        most ``limit`` of them (the rest stay for a later call)."""
         heap = self._heaps.get(partition)
         if not heap:
             return []
         due_users: dict[str, None] = {}
         while heap and heap[0][0] <= watermark:
+            if limit is not None and len(due_users) >= limit and heap[0][1] not in due_users:
+                break
             due_users[heapq.heappop(heap)[1]] = None
         return list(due_users)
 

@@ -335,9 +335,12 @@ class Engine:
         watermark: float,
         changed: dict[str, dict[str, Any]],
         stored: Callable[[str], bytes | None],
+        limit: int | None = None,
     ) -> tuple[Outputs, list[tuple[str, dict[str, Any]]]]:
         """Run the timers of ``partition`` due at ``watermark``: their outputs, and the profiles
-        they changed (to score and write back).
+        they changed (to score and write back). At most ``limit`` users: a watermark that
+        passes thousands of deadlines at once (label horizons and attribution windows of a busy
+        hour) would otherwise hold one batch, and every event queued behind it, for seconds.
 
         A due user is taken from ``changed`` (this batch's profiles) or loaded with ``stored``
         (its serialized profile). A heap entry can be stale (the user's deadline moved on since):
@@ -346,7 +349,7 @@ class Engine:
         """
         outputs = Outputs()
         touched = []
-        for user_id in timers.pop_due(partition, watermark):
+        for user_id in timers.pop_due(partition, watermark, limit):
             profile, raw = changed.get(user_id), None
             if profile is None:
                 raw = stored(user_id)
@@ -409,6 +412,15 @@ class Engine:
         )
         out.examples += [("offers", example) for example in expired]
         return out
+
+
+def due_limit(per_batch: int, partitions: int) -> int:
+    """Each partition's share of a batch's due-timer budget (at least one).
+
+    >>> due_limit(200, 3)
+    66
+    """
+    return max(1, per_batch // max(partitions, 1))
 
 
 def now_for(profile: dict[str, Any], watermark: float) -> float:

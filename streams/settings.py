@@ -196,6 +196,13 @@ SETTINGS: dict[str, Setting] = {
         "broker holds a fetch most of that even when data arrives, so it bounds latency there)",
         _positive_int,
     ),
+    "max_due_per_batch": Setting(
+        "PERSONA_MAX_DUE_PER_BATCH",
+        200,
+        "most profiles whose timer came due that one batch handles (shared by its partitions); "
+        "the rest wait for the next batch or tick, so a burst of deadlines never stalls events",
+        _positive_int,
+    ),
     "batch_drain": Setting(
         "PERSONA_BATCH_DRAIN",
         True,
@@ -338,6 +345,7 @@ class Settings:
     rocksdb_memory_mb: int
     fetch_max_wait_ms: int
     batch_drain: bool
+    max_due_per_batch: int
     max_event_bytes: int
     max_future_s: float
     dedupe_window: int
