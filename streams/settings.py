@@ -199,8 +199,9 @@ SETTINGS: dict[str, Setting] = {
     "max_due_per_batch": Setting(
         "PERSONA_MAX_DUE_PER_BATCH",
         200,
-        "most profiles whose timer came due that one batch handles (shared by its partitions); "
-        "the rest wait for the next batch or tick, so a burst of deadlines never stalls events",
+        "most profiles whose timer came due that one batch handles (shared by its partitions; "
+        "as many as the batch has events if that is more); the rest wait for the next batch or "
+        "tick, so a burst of deadlines never stalls events for long",
         _positive_int,
     ),
     "batch_drain": Setting(
