@@ -152,6 +152,11 @@ async def send_to_partitions(broker_url: str, messages: Iterable[tuple[str, int,
         await producer.stop()
 
 
+PACE_EVERY = 10
+"""With a rate, the producer checks its schedule every this many messages: at 900 events/s a
+burst of 10 every 11 ms, close to a steady stream (100 made bursts of 100 every 111 ms)."""
+
+
 async def produce_all(
     broker_url: str,
     messages: Iterable[Message],
@@ -186,7 +191,7 @@ async def produce_all(
                 pending.clear()
                 if on_progress:
                     on_progress(sent)
-            if rate_per_s and sent % 100 == 0:
+            if rate_per_s and sent % PACE_EVERY == 0:
                 ahead = sent / rate_per_s - (asyncio.get_running_loop().time() - started)
                 if ahead > 0:
                     await asyncio.gather(*pending)

@@ -693,6 +693,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
                 identity.add(record)
             else:
                 records.append(record)
+    metrics.observe_latency("received", [r.source.message.timestamp for r in records])
     if persona.offsets.seeking:
         await _repair_gaps(persona)
 

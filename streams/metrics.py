@@ -57,7 +57,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
 )  # fmt: skip
 """Track event names counted under their own name; any other track name is ``other``."""
 
-LATENCY_STAGES = ("profile_updated", "redis_written", "trigger_produced")
+LATENCY_STAGES = ("received", "profile_updated", "redis_written", "trigger_produced")
 """Stages of ``persona_latency_seconds``, each measured from the Kafka produce timestamp."""
 
 TRIGGER_KINDS = ("abandoned_cart", "offer", "segment_change", "hot_lead", "tombstone")
@@ -158,7 +158,7 @@ class Metrics:
         self.latency = Histogram(
             "persona_latency_seconds",
             "Seconds from the Kafka produce timestamp of an event to a processing stage "
-            "(profile_updated, redis_written, trigger_produced)",
+            "(received by the ingest agent, profile_updated, redis_written, trigger_produced)",
             ["stage"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
