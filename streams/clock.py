@@ -21,6 +21,16 @@ not a promise.
 >>> timers.schedule(0, due=2_000.0, user_id="u2")
 >>> timers.pop_due(0, clocks.watermark(0))
 ['u1']
+
+A budget leaves the rest of what is due, in order, for the next call (a user due twice counts
+once):
+
+>>> for due, user in [(1.0, "a"), (2.0, "b"), (2.5, "a"), (3.0, "c")]:
+...     timers.schedule(1, due, user)
+>>> timers.pop_due(1, watermark=10.0, limit=2)
+['a', 'b']
+>>> timers.pop_due(1, watermark=10.0, limit=2)
+['c']
 """
 
 from __future__ import annotations
