@@ -731,8 +731,12 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['rss_mb_per_100k_profiles']:.0f} MiB RSS per 100k profiles "
         f"({result['rss_start_mb']:.0f} → {result['rss_end_mb']:.0f} MiB for "
         f"{result['profiles']} profiles); second half of the run alone: "
-        f"{_mib(result.get('rss_mb_per_100k_profiles_second_half'))} per 100k new profiles "
-        "(n/a: fewer than a quarter of the profiles were new then)",
+        f"{_mib(result.get('rss_mb_per_100k_profiles_second_half'))} per 100k new profiles"
+        + (
+            " (n/a: fewer than a quarter of the profiles were new then)"
+            if result.get("rss_mb_per_100k_profiles_second_half") is None
+            else ""
+        ),
         "",
         "how: the input is produced once; each contender reads it under its own consumer group, "
         "alone on the machine.",
