@@ -744,7 +744,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
 
     # Timers: what the watermarks made due, before scoring, so Redis sees the result.
     outputs = erasure_outputs
-    due_share = due_limit(max(settings.max_due_per_batch, len(events)), len(event_of_partition))
+    due_share = due_limit(settings.max_due_per_batch, len(events), len(event_of_partition))
     for partition in event_of_partition:
         watermark = clocks.watermark(partition)
         due_outputs, touched = engine.run_due(

@@ -355,7 +355,7 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
         old = {u: (p.get(TRIGGERS_KEY) or {}).get("segment") for u, p in changed.items()}
         outputs = Outputs()
         partitions = {tp.partition for tp in batch} | set(result.max_ts)
-        due_share = due_limit(max(settings.max_due_per_batch, len(records)), len(partitions))
+        due_share = due_limit(settings.max_due_per_batch, len(records), len(partitions))
         for partition in partitions:
             watermark = clocks.watermark(partition)
             due_outputs, touched = engine.run_due(

@@ -414,13 +414,14 @@ class Engine:
         return out
 
 
-def due_limit(per_batch: int, partitions: int) -> int:
-    """Each partition's share of a batch's due-timer budget (at least one).
+def due_limit(per_batch: int, batch_events: int, partitions: int) -> int:
+    """Each partition's share of a batch's due-timer budget: ``per_batch`` profiles, or as many
+    as the batch has events if that is more (at least one per partition).
 
-    >>> due_limit(200, 3)
-    66
+    >>> due_limit(200, 50, 3), due_limit(200, 1000, 4)
+    (66, 250)
     """
-    return max(1, per_batch // max(partitions, 1))
+    return max(1, max(per_batch, batch_events) // max(partitions, 1))
 
 
 def now_for(profile: dict[str, Any], watermark: float) -> float:

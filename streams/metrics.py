@@ -141,7 +141,9 @@ class Metrics:
             registry=r,
         )
         self.timers_pending = Gauge(
-            "persona_timers_pending", "Timer entries waiting on this worker", registry=r
+            "persona_timers_pending",
+            "Timer entries held by this worker (future deadlines included)",
+            registry=r,
         )
         self.batch_seconds = Histogram(
             "persona_batch_seconds",
