@@ -83,11 +83,14 @@ async def send_batched(
     anyway; building the batches here skips that. ``partition`` None: by key, with the default
     partitioner (murmur2), as ``send`` would choose.
     """
+    partitioner = DefaultPartitioner()
+    partitions_of: dict[str, list[int]] = {}  # one metadata lookup per topic, not per message
     by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
     for topic, key, value, partition in messages:
         if partition is None:
-            partitions = sorted(await producer.partitions_for(topic))
-            partition = DefaultPartitioner()(key, partitions, partitions)
+            if topic not in partitions_of:
+                partitions_of[topic] = sorted(await producer.partitions_for(topic))
+            partition = partitioner(key, partitions_of[topic], partitions_of[topic])
         by_partition.setdefault((topic, partition), []).append((key, value))
     sent: list[tuple[str, int, int, Any]] = []
     for (topic, partition), records in by_partition.items():
