@@ -125,7 +125,9 @@ def settings_for(
     broker: EmbeddedBroker, redis_server: EmbeddedRedis, data_dir: Path, db: int | None
 ) -> Settings:
     """Fresh app id, topics and consumer group; Redis database ``db`` (emptied) of the server."""
-    overrides: dict[str, Any] = {"live_clock": False, "consent_default": "allow"}
+    # Batches of 100: a kill must land between batches of a stream of ~1,750 events; with the
+    # default 1,000 (and the batch drain filling them) the whole half went in two batches.
+    overrides: dict[str, Any] = {"live_clock": False, "consent_default": "allow", "batch_size": 100}
     if db is not None:
         overrides["redis_url"] = redis_server.database_url(db)
     settings = engine_settings(broker, redis_server, data_dir, **overrides)
