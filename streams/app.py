@@ -30,7 +30,7 @@ import math
 import time
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -107,6 +107,10 @@ INTERNAL_KEY_PREFIX = b"\x00"
 """Table keys of the worker's own entries; user ids are printable, so never start with NUL."""
 """Table keys marking erased users, by keyed hash of the id (the raw id is forgotten)."""
 PARTITION_FIELD = "partition"
+TIMERS_DUE_EVERY_S = 0.5
+"""How often the timer backlog gauge is counted while there is a backlog."""
+SENDS_IN_FLIGHT = 2
+"""Batches whose outbox may be on its way to the broker while the next one is processed."""
 EXAMPLES_PER_MESSAGE = 200
 """Training examples per message: well under Kafka's default 1 MB message limit."""
 
@@ -137,6 +141,18 @@ class Persona:
     trainers: dict[str, TrainerState] = field(default_factory=dict)
     serving: dict[str, int] = field(default_factory=dict)
     """The snapshot version each replica serves."""
+    partition_events: dict[int, EventT] = field(default_factory=dict)
+    """The latest event of each input partition owned here: table writes outside a batch
+    (due timers) make it current, so they land in that partition's changelog and store."""
+    batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held by a batch or a run of due timers: they take turns, never interleave."""
+    timers_may_be_due: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set after every batch (watermarks may have moved): wakes :func:`run_due_timers`."""
+    sending: list[asyncio.Future[None]] = field(default_factory=list)
+    """Outboxes on their way to the broker, oldest first (see :func:`_hand_off`)."""
+    timers_due_counted_at: float = 0.0
+    crashing: asyncio.Future[None] | None = None
+    """The worker stopping because a batch could not be sent."""
 
 
 @contextlib.contextmanager
@@ -300,13 +316,19 @@ def create_app(settings: Settings) -> Persona:
         if guarded:
             persona.offsets.log_start.update(await app.consumer.earliest_offsets(*guarded))
 
+    @app.task
+    async def timers_between_batches() -> None:
+        await run_due_timers(persona)
+
     @app.on_partitions_revoked.connect
     async def forget_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
         """A partition that moves away is rebuilt from the table if it ever comes back."""
+        await settle(persona)
         if any(tp.topic == settings.topics["training_examples"] for tp in revoked):
             persona.trainers.clear()  # the checkpoint table is the truth when they come back
         for tp in revoked:
             persona.timers.forget(tp.partition)
+            persona.partition_events.pop(tp.partition, None)
             persona.clocks.forget(tp.partition)
             persona.segment_counts.pop(tp.partition, None)
             persona.saved_watermarks.pop(tp.partition, None)
@@ -657,7 +679,16 @@ def _index_partition(persona: Persona, partition: int) -> None:
 
 
 async def process_batch(persona: Persona, events: list[EventT]) -> None:
-    """Ingest one batch of Faust events end to end: table, Redis, triggers, metrics."""
+    """Ingest one batch of Faust events end to end: table, Redis, triggers, metrics.
+
+    Timers that came due are left to :func:`run_due_timers`, which works between batches.
+    """
+    async with persona.batch_lock:
+        await _ingest(persona, events)
+    persona.timers_may_be_due.set()
+
+
+async def _ingest(persona: Persona, events: list[EventT]) -> None:
     started = time.perf_counter()
     settings, metrics, engine, clocks = (
         persona.settings,
@@ -721,6 +752,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     released += identity.forwarded
     for record, _ in released:
         event_of_partition.setdefault(record.partition, record.source)
+    persona.partition_events.update(event_of_partition)
     apply_events(
         released,
         lambda user_id: _load(persona, user_id),
@@ -734,7 +766,7 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     for partition, max_ts in result.max_ts.items():
         clocks.observe(partition, max_ts, wall_now)
     outbox = Outbox(persona.app.producer)
-    erasure_outputs = erase_users(persona, result.erasures, event_of_partition, identity, outbox)
+    outputs = erase_users(persona, result.erasures, event_of_partition, identity, outbox)
     _stitch_identities(persona, identity, released, result, event_of_partition, outbox)
 
     changed = result.changed
@@ -742,42 +774,6 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         profile[PARTITION_FIELD] = result.partition_of[user_id]
     old_segments = {u: (p.get(TRIGGERS_KEY) or {}).get("segment") for u, p in changed.items()}
 
-    # Timers: what the watermarks made due, before scoring, so Redis sees the result.
-    outputs = erasure_outputs
-    due_share = due_limit(settings.max_due_per_batch, len(events), len(event_of_partition))
-    for partition in event_of_partition:
-        watermark = clocks.watermark(partition)
-        due_outputs, touched = engine.run_due(
-            persona.timers,
-            partition,
-            watermark,
-            changed,
-            lambda user_id: persona.profiles.get(user_id.encode()),
-            limit=due_share,
-        )
-        outputs.extend(due_outputs)
-        metrics.timers_fired.inc(len(touched))
-        for user_id, profile in touched:
-            changed[user_id] = profile
-            result.partition_of[user_id] = partition
-            old_segments.setdefault(user_id, (profile.get(TRIGGERS_KEY) or {}).get("segment"))
-
-    now_of = {u: now_for(p, clocks.watermark(result.partition_of[u])) for u, p in changed.items()}
-    outputs.extend(engine.score(changed, now_of))
-
-    for user_id, profile in changed.items():
-        partition = result.partition_of[user_id]
-        due = engine.next_due(profile)
-        if due is not None:
-            persona.timers.schedule(partition, due, user_id)
-        new_segment = (profile.get(TRIGGERS_KEY) or {}).get("segment")
-        if new_segment != old_segments.get(user_id):
-            counts = persona.segment_counts.setdefault(partition, Counter())
-            if old_segments.get(user_id):
-                counts[old_segments[user_id]] -= 1
-            counts[new_segment] += 1
-
-    # Dead letters, table, Redis, output topics: in that order, all before the batch is acked.
     topic_name = {kind: topic.get_topic_name() for kind, topic in persona.topics.items()}
     for record, rejection in result.rejected:
         outbox.send(
@@ -794,19 +790,6 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
             ),
         )
         metrics.deadletters.labels(reason=rejection.reason).inc()
-
-    by_partition: dict[int, list[str]] = {}
-    for user_id in changed:
-        by_partition.setdefault(result.partition_of[user_id], []).append(user_id)
-    for partition, user_ids in by_partition.items():
-        with as_current_event(event_of_partition[partition]):
-            for user_id in user_ids:
-                value = jsonbytes.dumps(changed[user_id])
-                outbox.write(persona.profiles, partition, user_id.encode(), value)
-    # Latency counts from the produce time of the events applied now (a held event counts when
-    # it is released, in the batch that writes its effect, not in the batch it arrived with).
-    produced_at = [record.source.message.timestamp for record, _ in released]
-    metrics.observe_latency("profile_updated", produced_at)
     for partition, event in event_of_partition.items():
         watermark = clocks.watermark(partition)
         if math.isfinite(watermark) and watermark > persona.saved_watermarks.get(partition, -1.0):
@@ -814,6 +797,89 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
             with as_current_event(event):
                 key = WATERMARK_KEY_PREFIX + str(partition).encode()
                 outbox.write(persona.profiles, partition, key, repr(watermark).encode())
+    for user_or_id, message in identity.outgoing:
+        outbox.send(topic_name["identity_links"], user_or_id.encode(), orjson.dumps(message))
+
+    # Latency counts from the produce time of the events applied now (a held event counts when
+    # it is released, in the batch that writes its effect, not in the batch it arrived with).
+    produced_at = [record.source.message.timestamp for record, _ in released]
+    await _publish(
+        persona,
+        Changes(changed, result.partition_of, old_segments, outputs),
+        outbox,
+        produced_at=produced_at,
+        erased=list(result.erasures),
+        relinked=identity.relinked,
+    )
+
+    for (topic, outcome), count in result.counts.items():
+        metrics.events.labels(topic=topic, outcome=outcome).inc(count)
+    metrics.count_event_types({(t, n, "ok"): c for (t, n), c in result.by_type.items()})
+    if records:
+        metrics.batch_events.observe(len(records))
+        metrics.batch_seconds.observe(time.perf_counter() - started)
+    metrics.held_events.set(persona.ordering.held())
+    set_timers_due(persona)
+    await _hand_off(persona, outbox, [record for record, _ in released])
+
+    # Last: a watermark gauge at or past a time means this batch's outputs were all sent.
+    metrics.set_watermarks(
+        {p: clocks.watermark(p) for p in event_of_partition if math.isfinite(clocks.watermark(p))}
+    )
+
+
+@dataclass(slots=True)
+class Changes:
+    """Profiles a batch (or a run of due timers) changed, before they are scored."""
+
+    profiles: dict[str, dict[str, Any]]
+    partition_of: dict[str, int]
+    old_segments: dict[str, str | None]
+    """Each profile's segment before the change (for the per-partition segment counts)."""
+    outputs: Outputs
+    """What the change produced already (erasures, fired timers): scoring adds to it."""
+
+
+async def _publish(
+    persona: Persona,
+    changes: Changes,
+    outbox: Outbox,
+    *,
+    produced_at: Sequence[float] = (),
+    erased: Sequence[str] = (),
+    relinked: Mapping[str, str | None] | None = None,
+) -> None:
+    """Score changed profiles and put the results in the table, Redis and the outbox.
+
+    Reschedules each profile's next deadline and keeps the segment counts. Redis is written
+    here; the outbox (table changelog, triggers, training examples) is sent by the caller.
+    """
+    engine, metrics, clocks = persona.engine, persona.metrics, persona.clocks
+    changed, partition_of = changes.profiles, changes.partition_of
+    outputs = changes.outputs
+    now_of = {u: now_for(p, clocks.watermark(partition_of[u])) for u, p in changed.items()}
+    outputs.extend(engine.score(changed, now_of))
+
+    by_partition: dict[int, list[str]] = {}
+    for user_id, profile in changed.items():
+        partition = partition_of[user_id]
+        by_partition.setdefault(partition, []).append(user_id)
+        due = engine.next_due(profile)
+        if due is not None:
+            persona.timers.schedule(partition, due, user_id)
+        new_segment = (profile.get(TRIGGERS_KEY) or {}).get("segment")
+        old_segment = changes.old_segments.get(user_id)
+        if new_segment != old_segment:
+            counts = persona.segment_counts.setdefault(partition, Counter())
+            if old_segment:
+                counts[old_segment] -= 1
+            counts[new_segment] += 1
+    for partition, user_ids in by_partition.items():
+        with as_current_event(persona.partition_events[partition]):
+            for user_id in user_ids:
+                value = jsonbytes.dumps(changed[user_id])
+                outbox.write(persona.profiles, partition, user_id.encode(), value)
+    metrics.observe_latency("profile_updated", produced_at)
 
     totals: Counter[str] = Counter()
     for counts in persona.segment_counts.values():
@@ -822,20 +888,21 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
         metrics.segment_size.labels(segment=segment).set(count)
     segment_sizes = {
         f"{partition}/{segment}": count
-        for partition in event_of_partition
+        for partition in by_partition
         for segment, count in persona.segment_counts.get(partition, Counter()).items()
     }
     redis_started = time.perf_counter()
     await persona.cache.write_profiles(
         outputs.redis_fields, lead_scores=outputs.lead_scores, segment_sizes=segment_sizes
     )
-    await persona.cache.erase(list(result.erasures))
-    await persona.cache.relink(identity.relinked)
+    await persona.cache.erase(list(erased))
+    await persona.cache.relink(dict(relinked or {}))
     metrics.redis_write_seconds.observe(time.perf_counter() - redis_started)
     metrics.profile_writes.inc(len(outputs.redis_fields))
     metrics.timers_pending.set(len(persona.timers))
     metrics.observe_latency("redis_written", produced_at)
 
+    topic_name = {kind: topic.get_topic_name() for kind, topic in persona.topics.items()}
     for emission in outputs.emissions:
         outbox.send(topic_name[emission.kind], emission.key, orjson.dumps(emission.payload))
         tombstone_sent = emission.payload.get("type") == "tombstone"
@@ -851,8 +918,6 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
             chunk = examples[start : start + EXAMPLES_PER_MESSAGE]
             value = orjson.dumps({"model": model, "examples": chunk})
             outbox.send(topic_name["training_examples"], model.encode(), value)
-    for user_or_id, message in identity.outgoing:
-        outbox.send(topic_name["identity_links"], user_or_id.encode(), orjson.dumps(message))
     for (offer_id, policy, reason), count in outputs.decisions.items():
         metrics.offer_decisions.labels(offer=offer_id, policy=policy, reason=reason).inc(count)
     for (kind, reason), count in outputs.suppressed.items():
@@ -860,21 +925,119 @@ async def process_batch(persona: Persona, events: list[EventT]) -> None:
     if outputs.emissions:
         metrics.observe_latency("trigger_produced", produced_at)
 
-    for (topic, outcome), count in result.counts.items():
-        metrics.events.labels(topic=topic, outcome=outcome).inc(count)
-    metrics.count_event_types({(t, n, "ok"): c for (t, n), c in result.by_type.items()})
-    if records:
-        metrics.batch_events.observe(len(records))
-        metrics.batch_seconds.observe(time.perf_counter() - started)
-    metrics.held_events.set(persona.ordering.held())
 
-    # Everything this batch produced (changelog, outputs, dead letters, examples) is on the
-    # broker before the batch is acknowledged: a crash can only re-deliver, never lose.
-    await outbox.flush()
-    for record, _ in released:
-        record.source.ack()
+async def _hand_off(persona: Persona, outbox: Outbox, acknowledge: list[Record]) -> None:
+    """Send the outbox, then acknowledge ``acknowledge``, while the next batch is processed.
 
-    # Last: a watermark gauge at or past a time means this batch's outputs were all sent.
-    metrics.set_watermarks(
-        {p: clocks.watermark(p) for p in event_of_partition if math.isfinite(clocks.watermark(p))}
-    )
+    Everything a batch produced (changelog, outputs, dead letters, examples) is on the broker
+    before its events are acknowledged: a crash can only re-deliver, never lose. Sends are
+    chained: a batch's start after the one before it is acknowledged by the broker, so the
+    broker receives batches in order. At most ``SENDS_IN_FLIGHT`` batches wait to be sent;
+    the next one waits here for the oldest.
+    """
+    in_flight = persona.sending
+    while True:
+        in_flight[:] = [sent for sent in in_flight if not sent.done()]
+        if len(in_flight) < SENDS_IN_FLIGHT:
+            break
+        await in_flight[0]
+    previous = in_flight[-1] if in_flight else None
+
+    async def send() -> None:
+        if previous is not None:
+            await previous
+        await outbox.flush()
+        for record in acknowledge:
+            record.source.ack()
+
+    sent = asyncio.ensure_future(send())
+    in_flight.append(sent)
+    sent.add_done_callback(partial(_crash_on_error, persona))
+
+
+def _crash_on_error(persona: Persona, sent: asyncio.Future[None]) -> None:
+    exc = None if sent.cancelled() else sent.exception()
+    if exc is not None and persona.crashing is None:
+        log.critical("sending a batch failed, stopping the worker: %r", exc, exc_info=exc)
+        persona.crashing = asyncio.ensure_future(persona.app.crash(exc))
+
+
+async def settle(persona: Persona) -> None:
+    """Wait until no batch is being processed or sent (before partitions move away)."""
+    async with persona.batch_lock:
+        if persona.sending:
+            with contextlib.suppress(Exception):  # a failure has stopped the worker already
+                await persona.sending[-1]
+
+
+async def run_due_timers(persona: Persona) -> None:
+    """Run timers that came due, a chunk at a time, whenever no batch is being processed.
+
+    Events come first: a watermark that passes thousands of deadlines at once (label horizons
+    and attribution windows of a busy hour) would otherwise hold a batch, and every event
+    queued behind it, for seconds. A chunk takes ``PERSONA_MAX_DUE_PER_BATCH`` profiles at
+    most; batches and chunks take turns on one lock, so timers keep pace under full load.
+    """
+    while True:
+        await persona.timers_may_be_due.wait()
+        persona.timers_may_be_due.clear()
+        while True:
+            async with persona.batch_lock:
+                started = time.perf_counter()
+                fired = await run_due_chunk(persona, persona.settings.max_due_per_batch)
+                took = time.perf_counter() - started
+            if not fired:
+                break
+            # As long again for everything else: a chunk runs without a pause, and chunks back
+            # to back would starve Faust's own delivery of the next events.
+            await asyncio.sleep(took)
+
+
+def set_timers_due(persona: Persona) -> None:
+    """Update the backlog gauge (with the event counts, so a scrape sees both or neither).
+
+    Zero is exact and cheap (the heads of the heaps); a count is walked at most every
+    ``TIMERS_DUE_EVERY_S``, since a big backlog takes milliseconds to count.
+    """
+    watermark, timers = persona.clocks.watermark, persona.timers
+    if not any(timers.has_due(p, watermark(p)) for p in persona.partition_events):
+        persona.metrics.timers_due.set(0)
+        persona.timers_due_counted_at = 0.0
+        return
+    now = time.monotonic()
+    if now - persona.timers_due_counted_at >= TIMERS_DUE_EVERY_S:
+        persona.timers_due_counted_at = now
+        persona.metrics.timers_due.set(
+            sum(timers.due_count(p, watermark(p)) for p in persona.partition_events)
+        )
+
+
+async def run_due_chunk(persona: Persona, limit: int) -> int:
+    """Fire the timers of at most ``limit`` profiles whose deadline the watermarks passed;
+    score, store and publish what they changed. Returns how many profiles changed."""
+    clocks, metrics = persona.clocks, persona.metrics
+    owned = [p for p in persona.partition_events if persona.timers.has(p)]
+    changes = Changes({}, {}, {}, Outputs())
+    share = due_limit(limit, len(owned))
+    for partition in owned:
+        due_outputs, touched = persona.engine.run_due(
+            persona.timers,
+            partition,
+            clocks.watermark(partition),
+            changes.profiles,
+            lambda user_id: persona.profiles.get(user_id.encode()),
+            limit=share,
+        )
+        changes.outputs.extend(due_outputs)
+        for user_id, profile in touched:
+            changes.profiles[user_id] = profile
+            changes.partition_of[user_id] = partition
+            changes.old_segments[user_id] = (profile.get(TRIGGERS_KEY) or {}).get("segment")
+    metrics.timers_fired.inc(len(changes.profiles))
+    set_timers_due(persona)
+    if not changes.profiles and not changes.outputs.emissions and not changes.outputs.examples:
+        return 0
+    outbox = Outbox(persona.app.producer)
+    await _publish(persona, changes, outbox)
+    await _hand_off(persona, outbox, [])
+    return len(changes.profiles)

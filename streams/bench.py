@@ -155,6 +155,19 @@ def events_counted(text: str, *, duplicates: bool = True) -> int:
     return int(total)
 
 
+_TIMERS_DUE = re.compile(r"^persona_timers_due (\S+)$", re.MULTILINE)
+
+
+def timers_due(text: str) -> int:
+    """The worker's timer backlog (``persona_timers_due``; 0 when not exported).
+
+    >>> timers_due("persona_timers_due 12.0\\n"), timers_due("")
+    (12, 0)
+    """
+    found = _TIMERS_DUE.search(text)
+    return int(float(found.group(1))) if found else 0
+
+
 def latency_buckets(text: str, stage: str = "redis_written") -> dict[float, float]:
     """Cumulative bucket counts (upper bound → count) of ``persona_latency_seconds{stage}``."""
     buckets: dict[float, float] = {}
@@ -201,20 +214,24 @@ class _Poll:
     halfway: Callable[[], None] | None = None
     """Called once, when the count first reaches half of what is expected."""
 
-    def count(self) -> tuple[float, int]:
+    def count(self) -> tuple[float, int, int]:
+        """(time, events counted, timers due but not run yet); counts -1 while a worker does
+        not answer."""
         t0 = time.monotonic()
-        total = 0
+        total = backlog = 0
         for worker in self.workers:
             text = worker.scrape()
             if text is None:
                 if not worker.running:
                     raise BenchError(f"worker died; see {worker.log_path}:\n{worker.log_tail()}")
-                return (t0 + time.monotonic()) / 2, -1
+                return (t0 + time.monotonic()) / 2, -1, -1
             total += events_counted(text, duplicates=self.duplicates)
-        return (t0 + time.monotonic()) / 2, total
+            backlog += timers_due(text)
+        return (t0 + time.monotonic()) / 2, total, backlog
 
     def until(self, expected: int, timeout_s: float, stall_s: float = 60.0) -> Throughput:
-        """Poll until the count reaches ``expected``; the rate after the first batch.
+        """Poll until the count reaches ``expected`` and no timer is left due (the work of an
+        event includes the timers it made due); the rate after the first batch.
 
         Fails after ``timeout_s``, or after ``stall_s`` without progress (a crashed agent leaves
         its worker serving /metrics but consuming nothing), quoting the workers' errors.
@@ -224,11 +241,12 @@ class _Poll:
         previous_t = changed_at = time.monotonic()
         cpu_first = 0.0
         others_first: dict[str, float] = {}
-        count = last = 0
+        count = 0
+        last: tuple[int, int] = (0, 0)
         while time.monotonic() < deadline and time.monotonic() - changed_at < stall_s:
-            t, count = self.count()
-            if count != last:
-                changed_at, last = t, count
+            t, count, backlog = self.count()
+            if (count, backlog) != last:
+                changed_at, last = t, (count, backlog)
             if self.halfway is not None and count >= expected / 2:
                 self.halfway()
                 self.halfway = None
@@ -236,7 +254,7 @@ class _Poll:
                 first = (t, count)
                 cpu_first = sum(cpu_seconds(w.pid) for w in self.workers if w.pid)
                 others_first = {name: cpu_seconds(pid) for name, pid in self.others.items()}
-            if count >= expected and first is not None:
+            if count >= expected and backlog == 0 and first is not None:
                 cpu = sum(cpu_seconds(w.pid) for w in self.workers if w.pid) - cpu_first
                 others = {n: cpu_seconds(pid) - others_first[n] for n, pid in self.others.items()}
                 end = (previous_t + t) / 2 if count > first[1] else t
@@ -317,6 +335,7 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
     clocks = PartitionClocks(lateness_s=settings.allowed_lateness_s, live=False)
     timers = TimerIndex()
     segment_counts: dict[int, Counter[str]] = {}
+    seen: set[int] = set()
     # The reorder buffer's work per event (heap push and pop) without its cross-batch hold: on
     # prefilled topics aiokafka hands out one partition's whole fetch at a time, so a hold until
     # every topic is caught up would release the entire log in one final batch.
@@ -325,6 +344,35 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
     def load(user_id: str) -> dict[str, Any] | None:
         raw = table.get(user_id)
         return orjson.loads(raw) if raw else None
+
+    async def publish(
+        changed: dict[str, dict[str, Any]],
+        partition_of: dict[str, int],
+        old: dict[str, str | None],
+        outputs: Outputs,
+    ) -> None:
+        now_of = {u: now_for(p, clocks.watermark(partition_of[u])) for u, p in changed.items()}
+        outputs.extend(engine.score(changed, now_of))
+        for user_id, profile in changed.items():
+            partition = partition_of[user_id]
+            due = engine.next_due(profile)
+            if due is not None:
+                timers.schedule(partition, due, user_id)
+            new = (profile.get(TRIGGERS_KEY) or {}).get("segment")
+            if new != old.get(user_id):
+                counts = segment_counts.setdefault(partition, Counter())
+                if old.get(user_id):
+                    counts[old[user_id]] -= 1
+                counts[new] += 1
+            table[user_id] = jsonbytes.dumps(profile)
+        sizes = {
+            f"{p}/{segment}": n
+            for p in set(partition_of.values())
+            for segment, n in segment_counts.get(p, Counter()).items()
+        }
+        await cache.write_profiles(
+            outputs.redis_fields, lead_scores=outputs.lead_scores, segment_sizes=sizes
+        )
 
     async def process(batch: dict[TopicPartition, list[Any]]) -> int:
         wall_now = time.time()
@@ -349,48 +397,33 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
         )  # fmt: skip
         for partition, max_ts in result.max_ts.items():
             clocks.observe(partition, max_ts, wall_now)
+            seen.add(partition)
         changed = result.changed
         for user_id, profile in changed.items():
             profile[PARTITION_FIELD] = result.partition_of[user_id]
         old = {u: (p.get(TRIGGERS_KEY) or {}).get("segment") for u, p in changed.items()}
+        await publish(changed, result.partition_of, old, Outputs())
+        return sum(result.counts.values())
+
+    async def run_due_chunk() -> int:
+        """The worker's :func:`~streams.app.run_due_chunk`, on this loop's state."""
+        changed: dict[str, dict[str, Any]] = {}
+        partition_of: dict[str, int] = {}
+        old: dict[str, str | None] = {}
         outputs = Outputs()
-        partitions = {tp.partition for tp in batch} | set(result.max_ts)
-        due_share = due_limit(settings.max_due_per_batch, len(records), len(partitions))
-        for partition in partitions:
-            watermark = clocks.watermark(partition)
+        share = due_limit(settings.max_due_per_batch, len(seen))
+        for partition in sorted(seen):
             due_outputs, touched = engine.run_due(
-                timers, partition, watermark, changed, table.get, limit=due_share
+                timers, partition, clocks.watermark(partition), changed, table.get, limit=share
             )
             outputs.extend(due_outputs)
             for user_id, profile in touched:
                 changed[user_id] = profile
-                result.partition_of[user_id] = partition
-                old.setdefault(user_id, (profile.get(TRIGGERS_KEY) or {}).get("segment"))
-        now_of = {
-            u: now_for(p, clocks.watermark(result.partition_of[u])) for u, p in changed.items()
-        }
-        outputs.extend(engine.score(changed, now_of))
-        for user_id, profile in changed.items():
-            partition = result.partition_of[user_id]
-            due = engine.next_due(profile)
-            if due is not None:
-                timers.schedule(partition, due, user_id)
-            new = (profile.get(TRIGGERS_KEY) or {}).get("segment")
-            if new != old.get(user_id):
-                counts = segment_counts.setdefault(partition, Counter())
-                if old.get(user_id):
-                    counts[old[user_id]] -= 1
-                counts[new] += 1
-            table[user_id] = jsonbytes.dumps(profile)
-        sizes = {
-            f"{p}/{segment}": n
-            for p in partitions
-            for segment, n in segment_counts.get(p, Counter()).items()
-        }
-        await cache.write_profiles(
-            outputs.redis_fields, lead_scores=outputs.lead_scores, segment_sizes=sizes
-        )
-        return sum(result.counts.values())
+                partition_of[user_id] = partition
+                old[user_id] = (profile.get(TRIGGERS_KEY) or {}).get("segment")
+        if changed:
+            await publish(changed, partition_of, old, outputs)
+        return len(changed)
 
     await consumer.start()
     try:
@@ -409,6 +442,9 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
                 done += await process(batch)
             if done and first is None:
                 first = (time.monotonic(), done, time.process_time())
+            await run_due_chunk()  # the worker's batches and due chunks take turns too
+        while await run_due_chunk():  # the backlog is part of the work, as for the engine
+            pass
         assert first is not None
         span = time.monotonic() - first[0]
         cpu = time.process_time() - first[2]

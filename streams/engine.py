@@ -344,24 +344,24 @@ class Engine:
 
         A due user is taken from ``changed`` (this batch's profiles) or loaded with ``stored``
         (its serialized profile). A heap entry can be stale (the user's deadline moved on since):
-        when :meth:`on_due` leaves the stored profile as it was, the timer is scheduled again
+        when the stored profile has nothing due at ``watermark``, the timer is scheduled again
         and the profile is neither scored nor written.
         """
         outputs = Outputs()
         touched = []
         for user_id in timers.pop_due(partition, watermark, limit):
-            profile, raw = changed.get(user_id), None
+            profile = changed.get(user_id)
             if profile is None:
                 raw = stored(user_id)
                 if raw is None:
                     continue  # erased since it was scheduled
                 profile = orjson.loads(raw)
-            outputs.extend(self.on_due(user_id, profile, watermark))
-            if raw is not None and orjson.dumps(profile) == raw:
                 due = self.next_due(profile)
-                if due is not None:
-                    timers.schedule(partition, due, user_id)
-                continue
+                if due is None or due > watermark:  # stale: the deadline moved on
+                    if due is not None:
+                        timers.schedule(partition, due, user_id)
+                    continue
+            outputs.extend(self.on_due(user_id, profile, watermark))
             touched.append((user_id, profile))  # timer state may change without a trigger
         return outputs, touched
 
@@ -414,14 +414,13 @@ class Engine:
         return out
 
 
-def due_limit(per_batch: int, batch_events: int, partitions: int) -> int:
-    """Each partition's share of a batch's due-timer budget: ``per_batch`` profiles, or as many
-    as the batch has events if that is more (at least one per partition).
+def due_limit(per_chunk: int, partitions: int) -> int:
+    """Each partition's share of a chunk of ``per_chunk`` due profiles (at least one).
 
-    >>> due_limit(200, 50, 3), due_limit(200, 1000, 4)
-    (66, 250)
+    >>> due_limit(200, 3), due_limit(200, 0), due_limit(2, 4)
+    (66, 200, 1)
     """
-    return max(1, max(per_batch, batch_events) // max(partitions, 1))
+    return max(1, per_chunk // max(partitions, 1))
 
 
 def now_for(profile: dict[str, Any], watermark: float) -> float:

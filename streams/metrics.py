@@ -140,6 +140,11 @@ class Metrics:
             "Profiles changed by a timer coming due (abandoned cart, label horizon, attribution)",
             registry=r,
         )
+        self.timers_due = Gauge(
+            "persona_timers_due",
+            "Timer entries whose deadline the watermark passed, not run yet (the backlog)",
+            registry=r,
+        )
         self.timers_pending = Gauge(
             "persona_timers_pending",
             "Timer entries held by this worker (future deadlines included)",

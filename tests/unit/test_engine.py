@@ -6,6 +6,7 @@ import orjson
 
 from connectors.segment import parse_event
 from models.config import load_config
+from streams.clock import TimerIndex
 from streams.engine import Engine, EngineOptions, Outputs, now_for
 from streams.ingest import Record, ingest_batch
 
@@ -82,3 +83,26 @@ def test_abandoned_cart_fires_once_when_the_watermark_passes_the_deadline() -> N
     assert not [e for e in engine.on_due("cart-user", profile, T0 + 7200).emissions
                 if e.kind == "abandoned_cart"]  # fmt: skip
     assert parse_event(shopper("x")[0], now=T0) is not None
+
+
+def test_run_due_fires_due_profiles_within_the_limit_and_reschedules_stale_entries() -> None:
+    engine = Engine(load_config(None), EngineOptions(consent_default=False))
+    changed, _ = run(engine, shopper("a") + shopper("b") + shopper("c"))
+    table = {user: orjson.dumps(profile) for user, profile in changed.items()}
+    deadline = engine.next_due(changed["a"])
+    assert deadline is not None
+    timers = TimerIndex()
+    for user in ("a", "b", "c"):
+        timers.schedule(0, deadline, user)
+    timers.schedule(0, deadline - 100.0, "a")  # stale: a's deadline moved on since
+
+    early, touched = engine.run_due(timers, 0, deadline - 1.0, {}, table.get, limit=2)
+    assert touched == [] and not early.emissions
+    assert timers.due_count(0, deadline + 1.0) == 4  # the stale entry is back, at the deadline
+
+    fired, touched = engine.run_due(timers, 0, T0 + 3600, {}, table.get, limit=2)
+    assert [user for user, _ in touched] == ["a", "b"]
+    assert len([e for e in fired.emissions if e.kind == "abandoned_cart"]) == 2
+    rest, touched = engine.run_due(timers, 0, T0 + 3600, {}, table.get, limit=2)
+    assert [user for user, _ in touched] == ["c"] and len(rest.emissions) == 1
+    assert not timers.has_due(0, T0 + 3600)
