@@ -151,6 +151,12 @@ class Persona:
     sending: list[asyncio.Future[None]] = field(default_factory=list)
     """Outboxes on their way to the broker, oldest first (see :func:`_hand_off`)."""
     timers_due_counted_at: float = 0.0
+    trainer_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    trainer_dirty: dict[str, EventT] = field(default_factory=dict)
+    """Trainers that learned since their checkpoint → their latest example's event."""
+    trainer_held: list[EventT] = field(default_factory=list)
+    """Examples learned but not checkpointed yet: acknowledged by the next checkpoint."""
+    trainers_checkpointed_at: float = 0.0
     crashing: asyncio.Future[None] | None = None
     """The worker stopping because a batch could not be sent."""
 
@@ -308,6 +314,11 @@ def create_app(settings: Settings) -> Persona:
         for partition in owned:
             await topics["ticks"].send(value=value, partition=partition)
         metrics.set_consumer_lag(consumer_lag(persona))
+        since = time.monotonic() - persona.trainers_checkpointed_at
+        if persona.trainer_dirty and since >= settings.checkpoint_every_s:
+            async with persona.trainer_lock:  # no example comes: checkpoint what was learned
+                if persona.trainer_dirty:
+                    await _checkpoint_trainers(persona)
 
     @app.on_partitions_assigned.connect
     async def guard_offsets(app: faust.App, assigned: set[Any], **kwargs: Any) -> None:
@@ -325,7 +336,9 @@ def create_app(settings: Settings) -> Persona:
         """A partition that moves away is rebuilt from the table if it ever comes back."""
         await settle(persona)
         if any(tp.topic == settings.topics["training_examples"] for tp in revoked):
-            persona.trainers.clear()  # the checkpoint table is the truth when they come back
+            async with persona.trainer_lock:
+                await _checkpoint_trainers(persona)  # the examples learned are acknowledged
+                persona.trainers.clear()  # the checkpoint table is the truth when they return
         for tp in revoked:
             persona.timers.forget(tp.partition)
             persona.partition_events.pop(tp.partition, None)
@@ -445,48 +458,85 @@ async def follow_snapshots(persona: Persona) -> None:
 
 
 async def train_batch(persona: Persona, events: list[EventT]) -> None:
-    """Learn a batch of training examples; checkpoint, and publish when due."""
-    settings, engine, metrics = persona.settings, persona.engine, persona.metrics
-    secret = settings.snapshot_secret.encode()
-    items = [(e.message.partition, e.message.offset, orjson.loads(e.value)) for e in events]
-    event_of_partition = {e.message.partition: e for e in events}
-    for name, group in group_by_model(items).items():
-        state = persona.trainers.get(name)
-        if state is None:
-            state = persona.trainers[name] = restore(
-                persona.trainer_state.get(name.encode()),
-                secret,
-                lambda payload, name=name: engine.load_model(name, payload),
-                lambda name=name: engine.new_model(name),
-                name,
+    """Learn a batch of training examples; checkpoint and publish when due.
+
+    A checkpoint serializes the whole model, so one per batch would cost more than the learning
+    on small batches: the trainers checkpoint together at most every
+    ``PERSONA_CHECKPOINT_EVERY_S`` (and whenever one publishes), and the examples learned since
+    are held unacknowledged until then. A crash re-delivers them; the checkpoint's offsets tell
+    which were learned already, so none is lost or learned twice.
+    """
+    async with persona.trainer_lock:
+        settings, engine, metrics = persona.settings, persona.engine, persona.metrics
+        secret = settings.snapshot_secret.encode()
+        items = [(e.message.partition, e.message.offset, orjson.loads(e.value)) for e in events]
+        event_of_partition = {e.message.partition: e for e in events}
+        for name, group in group_by_model(items).items():
+            state = persona.trainers.get(name)
+            if state is None:
+                state = persona.trainers[name] = restore(
+                    persona.trainer_state.get(name.encode()),
+                    secret,
+                    lambda payload, name=name: engine.load_model(name, payload),
+                    lambda name=name: engine.new_model(name),
+                    name,
+                )
+            fresh = [(p, o, m) for p, o, m in group if not state.already_learned(p, o)]
+            if not fresh:
+                continue
+            conversions_before = dict(state.conversions)
+            drifts = learn(state, [example for _, _, m in fresh for example in m["examples"]])
+            for partition, offset, _ in fresh:
+                state.offsets[partition] = max(state.offsets.get(partition, -1), offset)
+            persona.trainer_dirty[name] = event_of_partition[fresh[-1][0]]
+            if drifts:
+                metrics.drift_alarms.labels(model=name).inc(drifts)
+            for (offer_id, policy), count in state.conversions.items():
+                new = count - conversions_before.get((offer_id, policy), 0)
+                if new:
+                    metrics.offer_conversions.labels(offer=offer_id, policy=policy).inc(new)
+        for event in events:
+            event.message.incref()  # acknowledged after the checkpoint that holds it
+        persona.trainer_held += events
+        publishing = any(
+            should_publish(
+                persona.trainers[name],
+                every_examples=settings.snapshot_every_examples,
+                every_s=settings.snapshot_every_s,
             )
-        fresh = [(p, o, m) for p, o, m in group if not state.already_learned(p, o)]
-        if not fresh:
-            continue
-        conversions_before = dict(state.conversions)
-        drifts = learn(state, [example for _, _, m in fresh for example in m["examples"]])
-        for partition, offset, _ in fresh:
-            state.offsets[partition] = max(state.offsets.get(partition, -1), offset)
-        if drifts:
-            metrics.drift_alarms.labels(model=name).inc(drifts)
-        for (offer_id, policy), count in state.conversions.items():
-            new = count - conversions_before.get((offer_id, policy), 0)
-            if new:
-                metrics.offer_conversions.labels(offer=offer_id, policy=policy).inc(new)
+            for name in persona.trainer_dirty
+        )
+        since = time.monotonic() - persona.trainers_checkpointed_at
+        if publishing or since >= settings.checkpoint_every_s:
+            await _checkpoint_trainers(persona)
+
+
+async def _checkpoint_trainers(persona: Persona) -> None:
+    """Checkpoint (and publish when due) every trainer that learned since its last checkpoint,
+    then acknowledge the examples held for it. The caller holds ``persona.trainer_lock``."""
+    settings = persona.settings
+    secret = settings.snapshot_secret.encode()
+    for name, event in persona.trainer_dirty.items():
+        state = persona.trainers[name]
         publish = should_publish(
             state,
             every_examples=settings.snapshot_every_examples,
             every_s=settings.snapshot_every_s,
         )
         blob = checkpoint(state, secret, published_at=time.time() if publish else None)
-        with as_current_event(event_of_partition[fresh[-1][0]]):
+        with as_current_event(event):
             persona.trainer_state[name.encode()] = blob
         if publish:
             await persona.topics["snapshots"].send(key=name.encode(), value=blob)
             state.unpublished = 0
             state.published_at = time.monotonic()
+    persona.trainer_dirty.clear()
+    persona.trainers_checkpointed_at = time.monotonic()
     # The checkpoints are on the broker before these examples are acknowledged.
     await persona.app.producer.flush()
+    held, persona.trainer_held = persona.trainer_held, []
+    for event in held:
+        event.ack()
 
 
 def _committed(persona: Persona, tp: TP) -> int | None:
@@ -975,7 +1025,7 @@ async def run_due_timers(persona: Persona) -> None:
 
     Events come first: a watermark that passes thousands of deadlines at once (label horizons
     and attribution windows of a busy hour) would otherwise hold a batch, and every event
-    queued behind it, for seconds. A chunk takes ``PERSONA_MAX_DUE_PER_BATCH`` profiles at
+    queued behind it, for seconds. A chunk takes ``PERSONA_TIMER_CHUNK`` profiles at
     most; batches and chunks take turns on one lock, so timers keep pace under full load.
     """
     while True:
@@ -984,7 +1034,7 @@ async def run_due_timers(persona: Persona) -> None:
         while True:
             async with persona.batch_lock:
                 started = time.perf_counter()
-                fired = await run_due_chunk(persona, persona.settings.max_due_per_batch)
+                fired = await run_due_chunk(persona, persona.settings.timer_chunk)
                 took = time.perf_counter() - started
             if not fired:
                 break

@@ -411,7 +411,7 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
         partition_of: dict[str, int] = {}
         old: dict[str, str | None] = {}
         outputs = Outputs()
-        share = due_limit(settings.max_due_per_batch, len(seen))
+        share = due_limit(settings.timer_chunk, len(seen))
         for partition in sorted(seen):
             due_outputs, touched = engine.run_due(
                 timers, partition, clocks.watermark(partition), changed, table.get, limit=share

@@ -196,12 +196,11 @@ SETTINGS: dict[str, Setting] = {
         "broker holds a fetch most of that even when data arrives, so it bounds latency there)",
         _positive_int,
     ),
-    "max_due_per_batch": Setting(
-        "PERSONA_MAX_DUE_PER_BATCH",
-        200,
-        "most profiles whose timer came due that one batch handles (shared by its partitions; "
-        "as many as the batch has events if that is more); the rest wait for the next batch or "
-        "tick, so a burst of deadlines never stalls events for long",
+    "timer_chunk": Setting(
+        "PERSONA_TIMER_CHUNK",
+        50,
+        "most profiles whose timer came due one run of timers handles between two batches "
+        "(shared by the partitions); smaller runs keep the events waiting behind them shorter",
         _positive_int,
     ),
     "batch_drain": Setting(
@@ -304,6 +303,13 @@ SETTINGS: dict[str, Setting] = {
         "... or after this many seconds with new examples",
         _positive_float,
     ),
+    "checkpoint_every_s": Setting(
+        "PERSONA_CHECKPOINT_EVERY_S",
+        1.0,
+        "a trainer checkpoints what it learned at most this often (and at each publish); the "
+        "examples are acknowledged after the checkpoint that holds them",
+        _positive_float,
+    ),
     "log_level": Setting(
         "PERSONA_LOG_LEVEL", "info", "log level", _choice("debug", "info", "warning", "error")
     ),
@@ -346,7 +352,7 @@ class Settings:
     rocksdb_memory_mb: int
     fetch_max_wait_ms: int
     batch_drain: bool
-    max_due_per_batch: int
+    timer_chunk: int
     max_event_bytes: int
     max_future_s: float
     dedupe_window: int
@@ -364,6 +370,7 @@ class Settings:
     holdout_share: float
     snapshot_every_examples: int
     snapshot_every_s: float
+    checkpoint_every_s: float
     log_level: str
     topics: dict[str, str] = field(default_factory=dict)
 
