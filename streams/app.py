@@ -1,20 +1,23 @@
 """The Faust app: topics, the profiles table, the ingest agent, ticks and the web views.
 
 One agent consumes the four input topics (and the internal ticks topic) together, in batches
-(``take_events``: a batch is acknowledged only after it is fully processed, so a crash
-re-delivers it and de-duplication makes the replay harmless). Per batch it
+(``take_events``: a batch is acknowledged only after everything it produced is on the broker, so
+a crash re-delivers it and de-duplication makes the replay harmless). Per batch it
 
 1. parses and folds events into profiles (``streams.ingest``), rejects to the dead-letter topic,
 2. scores the changed profiles on this worker's model replicas (``streams.engine``),
-3. advances each partition's event-time watermark and fires what became due (abandoned carts),
+3. advances each partition's event-time watermark,
 4. writes each changed profile once to the changelog-backed table and once to Redis (one
-   pipeline), and sends the trigger messages.
+   pipeline), and hands its messages to the broker while the next batch is processed.
+
+Timers that came due (abandoned carts, label horizons, attribution windows) run between batches
+(:func:`run_due_timers`), a chunk at a time, so a burst of deadlines never holds events back.
 
 Ticks are small messages this worker sends to the partitions it owns every
-``PERSONA_TICK_INTERVAL_S``: they run the timers of an idle partition inside the stream, where
-table writes land in the right changelog partition, and in live mode advance its watermark with
-the wall clock. A tick carrying ``event_time`` instead (see :func:`end_of_log_ticks`) declares
-that event time reached it: a backtest sends one at the end of its log.
+``PERSONA_TICK_INTERVAL_S``: in live mode they advance an idle partition's watermark with the
+wall clock (and so its timers). A tick carrying ``event_time`` instead (see
+:func:`end_of_log_ticks`) declares that event time reached it: a backtest sends one at the end of
+its log.
 
 Build the app with :func:`create_app`; ``persona worker`` runs it.
 """
@@ -151,6 +154,9 @@ class Persona:
     sending: list[asyncio.Future[None]] = field(default_factory=list)
     """Outboxes on their way to the broker, oldest first (see :func:`_hand_off`)."""
     timers_due_counted_at: float = 0.0
+    batches_with_events: int = 0
+    batches_seen_by_timers: int = 0
+    """``batches_with_events`` when :func:`run_due_timers` last looked (events flowing?)."""
     trainer_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     trainer_dirty: dict[str, EventT] = field(default_factory=dict)
     """Trainers that learned since their checkpoint → their latest example's event."""
@@ -866,6 +872,7 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
         metrics.events.labels(topic=topic, outcome=outcome).inc(count)
     metrics.count_event_types({(t, n, "ok"): c for (t, n), c in result.by_type.items()})
     if records:
+        persona.batches_with_events += 1
         metrics.batch_events.observe(len(records))
         metrics.batch_seconds.observe(time.perf_counter() - started)
     metrics.held_events.set(persona.ordering.held())
@@ -1038,9 +1045,12 @@ async def run_due_timers(persona: Persona) -> None:
                 took = time.perf_counter() - started
             if not fired:
                 break
-            # As long again for everything else: a chunk runs without a pause, and chunks back
-            # to back would starve Faust's own delivery of the next events.
-            await asyncio.sleep(took)
+            # While events flow, as long again for them: a chunk runs without a pause, and
+            # chunks back to back would starve Faust's own delivery of the next events. With no
+            # event since the last chunk, the backlog runs at full speed.
+            batches = persona.batches_with_events
+            await asyncio.sleep(took if batches != persona.batches_seen_by_timers else 0)
+            persona.batches_seen_by_timers = batches
 
 
 def set_timers_due(persona: Persona) -> None:

@@ -7,13 +7,16 @@ agent in ``streams.app`` calls it and does the I/O, so this logic is tested with
 Learning does not happen here: examples go to the trainers (``streams.training``), whose
 snapshots replace the replicas (:meth:`Engine.swap`).
 
-Call order per batch, which the label logic relies on (no leakage):
+Call order, which the label logic relies on (no leakage):
 1. :meth:`after_event` for each applied event, in event-time order (cart episodes; a purchase
    labels the lead snapshots taken *before* it and pays the offer decided before it),
-2. :meth:`on_due` for profiles whose deadline the partition watermark has passed (abandoned
-   carts, horizons and attribution windows that closed: negative examples),
-3. :meth:`score` once per changed profile, on the profile after the whole batch: segment,
-   cluster, lead score (and a new feature snapshot for its label), next-best-offer.
+2. :meth:`score` once per changed profile, on the profile after the whole batch: segment,
+   cluster, lead score (and a new feature snapshot for its label), next-best-offer;
+3. between batches, :meth:`run_due` for profiles whose deadline the partition watermark has
+   passed (abandoned carts, horizons and attribution windows that closed: negative examples),
+   and :meth:`score` again for the profiles it changed. Deadlines are points in event time, so
+   running them a little later changes nothing: an event past a cart's deadline lapses that
+   cart first (``triggers.on_event``), and labels compare event times, not arrival.
 """
 
 from __future__ import annotations
