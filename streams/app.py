@@ -877,11 +877,8 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
         metrics.batch_seconds.observe(time.perf_counter() - started)
     metrics.held_events.set(persona.ordering.held())
     set_timers_due(persona)
-    await _hand_off(persona, outbox, [record for record, _ in released])
-
-    # Last: a watermark gauge at or past a time means this batch's outputs were all sent.
-    metrics.set_watermarks(
-        {p: clocks.watermark(p) for p in event_of_partition if math.isfinite(clocks.watermark(p))}
+    await _hand_off(
+        persona, outbox, [record for record, _ in released], settled_watermarks(persona)
     )
 
 
@@ -983,14 +980,21 @@ async def _publish(
         metrics.observe_latency("trigger_produced", produced_at)
 
 
-async def _hand_off(persona: Persona, outbox: Outbox, acknowledge: list[Record]) -> None:
-    """Send the outbox, then acknowledge ``acknowledge``, while the next batch is processed.
+async def _hand_off(
+    persona: Persona,
+    outbox: Outbox,
+    acknowledge: list[Record],
+    watermarks: dict[int, float],
+) -> None:
+    """Send the outbox, then acknowledge ``acknowledge`` and show ``watermarks``, while the
+    next batch is processed.
 
     Everything a batch produced (changelog, outputs, dead letters, examples) is on the broker
     before its events are acknowledged: a crash can only re-deliver, never lose. Sends are
     chained: a batch's start after the one before it is acknowledged by the broker, so the
     broker receives batches in order. At most ``SENDS_IN_FLIGHT`` batches wait to be sent;
-    the next one waits here for the oldest.
+    the next one waits here for the oldest. Last, the watermark gauge: at or past a time, it
+    means every output due by then is on the broker (see :func:`settled_watermarks`).
     """
     in_flight = persona.sending
     while True:
@@ -1006,6 +1010,7 @@ async def _hand_off(persona: Persona, outbox: Outbox, acknowledge: list[Record])
         await outbox.flush()
         for record in acknowledge:
             record.source.ack()
+        persona.metrics.set_watermarks(watermarks)
 
     sent = asyncio.ensure_future(send())
     in_flight.append(sent)
@@ -1051,6 +1056,17 @@ async def run_due_timers(persona: Persona) -> None:
             batches = persona.batches_with_events
             await asyncio.sleep(took if batches != persona.batches_seen_by_timers else 0)
             persona.batches_seen_by_timers = batches
+
+
+def settled_watermarks(persona: Persona) -> dict[int, float]:
+    """The watermarks of the partitions with no timer left due: once what was handed off so
+    far is sent, every output due by those event times is on the broker."""
+    watermark, timers = persona.clocks.watermark, persona.timers
+    return {
+        p: watermark(p)
+        for p in persona.partition_events
+        if math.isfinite(watermark(p)) and not timers.has_due(p, watermark(p))
+    }
 
 
 def set_timers_due(persona: Persona) -> None:
@@ -1099,5 +1115,5 @@ async def run_due_chunk(persona: Persona, limit: int) -> int:
         return 0
     outbox = Outbox(persona.app.producer)
     await _publish(persona, changes, outbox)
-    await _hand_off(persona, outbox, [])
+    await _hand_off(persona, outbox, [], settled_watermarks(persona))
     return len(changes.profiles)

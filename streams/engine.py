@@ -346,14 +346,14 @@ class Engine:
         hour) would otherwise hold one batch, and every event queued behind it, for seconds.
 
         A due user is taken from ``changed`` (this batch's profiles) or loaded with ``stored``
-        (its serialized profile). A heap entry can be stale (the user's deadline moved on since):
-        when the stored profile has nothing due at ``watermark``, the timer is scheduled again
-        and the profile is neither scored nor written.
+        (its serialized profile). A heap entry can be stale (the user's deadline moved on since,
+        or a label horizon ends exactly at ``watermark``): when the stored profile has nothing
+        due, the timer is scheduled again and the profile is neither scored nor written.
         """
         outputs = Outputs()
         touched = []
         for user_id in timers.pop_due(partition, watermark, limit):
-            profile = changed.get(user_id)
+            profile, raw = changed.get(user_id), None
             if profile is None:
                 raw = stored(user_id)
                 if raw is None:
@@ -364,7 +364,16 @@ class Engine:
                     if due is not None:
                         timers.schedule(partition, due, user_id)
                     continue
-            outputs.extend(self.on_due(user_id, profile, watermark))
+            fired = self.on_due(user_id, profile, watermark)
+            idle = not (fired.emissions or fired.examples or fired.suppressed)
+            if idle and raw is not None and orjson.dumps(profile) == raw:
+                # Nothing came due after all (a label horizon ends only once the watermark is
+                # past it): look again later, write nothing.
+                due = self.next_due(profile)
+                if due is not None:
+                    timers.schedule(partition, due, user_id)
+                continue
+            outputs.extend(fired)
             touched.append((user_id, profile))  # timer state may change without a trigger
         return outputs, touched
 
