@@ -8,7 +8,7 @@ a crash re-delivers it and de-duplication makes the replay harmless). Per batch 
 2. scores the changed profiles on this worker's model replicas (``streams.engine``),
 3. advances each partition's event-time watermark,
 4. writes each changed profile once to the changelog-backed table and once to Redis (one
-   pipeline), and hands its messages to the broker while the next batch is processed.
+   pipeline), and sends the trigger messages.
 
 Timers that came due (abandoned carts, label horizons, attribution windows) run between batches
 (:func:`run_due_timers`), a chunk at a time, so a burst of deadlines never holds events back.
@@ -112,8 +112,8 @@ INTERNAL_KEY_PREFIX = b"\x00"
 PARTITION_FIELD = "partition"
 TIMERS_DUE_EVERY_S = 0.5
 """How often the timer backlog gauge is counted while there is a backlog."""
-SENDS_IN_FLIGHT = 2
-"""Batches whose outbox may be on its way to the broker while the next one is processed."""
+IDLE_PAUSE_S = 0.005
+"""Pause between two chunks of due timers while no event arrives."""
 EXAMPLES_PER_MESSAGE = 200
 """Training examples per message: well under Kafka's default 1 MB message limit."""
 
@@ -151,8 +151,6 @@ class Persona:
     """Held by a batch or a run of due timers: they take turns, never interleave."""
     timers_may_be_due: asyncio.Event = field(default_factory=asyncio.Event)
     """Set after every batch (watermarks may have moved): wakes :func:`run_due_timers`."""
-    sending: list[asyncio.Future[None]] = field(default_factory=list)
-    """Outboxes on their way to the broker, oldest first (see :func:`_hand_off`)."""
     timers_due_counted_at: float = 0.0
     batches_with_events: int = 0
     batches_seen_by_timers: int = 0
@@ -163,8 +161,6 @@ class Persona:
     trainer_held: list[EventT] = field(default_factory=list)
     """Examples learned but not checkpointed yet: acknowledged by the next checkpoint."""
     trainers_checkpointed_at: float = 0.0
-    crashing: asyncio.Future[None] | None = None
-    """The worker stopping because a batch could not be sent."""
 
 
 @contextlib.contextmanager
@@ -829,6 +825,14 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
     for user_id, profile in changed.items():
         profile[PARTITION_FIELD] = result.partition_of[user_id]
     old_segments = {u: (p.get(TRIGGERS_KEY) or {}).get("segment") for u, p in changed.items()}
+    # The deadlines of this batch's own users fire here, right after their events, as a replay
+    # at any batch size would fire them; only users without new events wait for
+    # run_due_timers (nothing about them changes meanwhile).
+    for user_id, profile in changed.items():
+        watermark = clocks.watermark(result.partition_of[user_id])
+        due = engine.next_due(profile)
+        if due is not None and due <= watermark:
+            outputs.extend(engine.on_due(user_id, profile, watermark))
 
     topic_name = {kind: topic.get_topic_name() for kind, topic in persona.topics.items()}
     for record, rejection in result.rejected:
@@ -986,50 +990,23 @@ async def _hand_off(
     acknowledge: list[Record],
     watermarks: dict[int, float],
 ) -> None:
-    """Send the outbox, then acknowledge ``acknowledge`` and show ``watermarks``, while the
-    next batch is processed.
+    """Send the outbox; then acknowledge ``acknowledge`` and show ``watermarks``.
 
     Everything a batch produced (changelog, outputs, dead letters, examples) is on the broker
-    before its events are acknowledged: a crash can only re-deliver, never lose. Sends are
-    chained: a batch's start after the one before it is acknowledged by the broker, so the
-    broker receives batches in order. At most ``SENDS_IN_FLIGHT`` batches wait to be sent;
-    the next one waits here for the oldest. Last, the watermark gauge: at or past a time, it
-    means every output due by then is on the broker (see :func:`settled_watermarks`).
+    before its events are acknowledged: a crash can only re-deliver, never lose. Last, the
+    watermark gauge: at or past a time, it means every output due by then is on the broker
+    (see :func:`settled_watermarks`).
     """
-    in_flight = persona.sending
-    while True:
-        in_flight[:] = [sent for sent in in_flight if not sent.done()]
-        if len(in_flight) < SENDS_IN_FLIGHT:
-            break
-        await in_flight[0]
-    previous = in_flight[-1] if in_flight else None
-
-    async def send() -> None:
-        if previous is not None:
-            await previous
-        await outbox.flush()
-        for record in acknowledge:
-            record.source.ack()
-        persona.metrics.set_watermarks(watermarks)
-
-    sent = asyncio.ensure_future(send())
-    in_flight.append(sent)
-    sent.add_done_callback(partial(_crash_on_error, persona))
-
-
-def _crash_on_error(persona: Persona, sent: asyncio.Future[None]) -> None:
-    exc = None if sent.cancelled() else sent.exception()
-    if exc is not None and persona.crashing is None:
-        log.critical("sending a batch failed, stopping the worker: %r", exc, exc_info=exc)
-        persona.crashing = asyncio.ensure_future(persona.app.crash(exc))
+    await outbox.flush()
+    for record in acknowledge:
+        record.source.ack()
+    persona.metrics.set_watermarks(watermarks)
 
 
 async def settle(persona: Persona) -> None:
-    """Wait until no batch is being processed or sent (before partitions move away)."""
+    """Wait until no batch or run of timers is under way (before partitions move away)."""
     async with persona.batch_lock:
-        if persona.sending:
-            with contextlib.suppress(Exception):  # a failure has stopped the worker already
-                await persona.sending[-1]
+        pass
 
 
 async def run_due_timers(persona: Persona) -> None:
@@ -1050,12 +1027,14 @@ async def run_due_timers(persona: Persona) -> None:
                 took = time.perf_counter() - started
             if not fired:
                 break
-            # While events flow, as long again for them: a chunk runs without a pause, and
-            # chunks back to back would starve Faust's own delivery of the next events. With no
-            # event since the last chunk, the backlog runs at full speed.
+            # A chunk runs without a pause, and chunks back to back starve Faust's own delivery
+            # of the next events (a bare yield moves its pipeline one step per chunk). While
+            # events flow, as long again for them; else a short pause, so the first events get
+            # through and pacing starts.
             batches = persona.batches_with_events
-            await asyncio.sleep(took if batches != persona.batches_seen_by_timers else 0)
+            flowing = batches != persona.batches_seen_by_timers
             persona.batches_seen_by_timers = batches
+            await asyncio.sleep(took if flowing else IDLE_PAUSE_S)
 
 
 def settled_watermarks(persona: Persona) -> dict[int, float]:
