@@ -1023,9 +1023,9 @@ async def run_due_timers(persona: Persona) -> None:
         while True:
             async with persona.batch_lock:
                 started = time.perf_counter()
-                fired = await run_due_chunk(persona, persona.settings.timer_chunk)
+                await run_due_chunk(persona, persona.settings.timer_chunk)
                 took = time.perf_counter() - started
-            if not fired:
+            if not timers_due_somewhere(persona):
                 break
             # A chunk runs without a pause, and chunks back to back starve Faust's own delivery
             # of the next events (a bare yield moves its pipeline one step per chunk). While
@@ -1035,6 +1035,14 @@ async def run_due_timers(persona: Persona) -> None:
             flowing = batches != persona.batches_seen_by_timers
             persona.batches_seen_by_timers = batches
             await asyncio.sleep(took if flowing else IDLE_PAUSE_S)
+
+
+def timers_due_somewhere(persona: Persona) -> bool:
+    """True while an owned partition has a timer whose deadline its watermark passed. Each
+    chunk shrinks that set: a fired timer's next deadline, or a stale entry's, is not before
+    the watermark."""
+    watermark = persona.clocks.watermark
+    return any(persona.timers.has_due(p, watermark(p)) for p in persona.partition_events)
 
 
 def settled_watermarks(persona: Persona) -> dict[int, float]:
@@ -1055,7 +1063,7 @@ def set_timers_due(persona: Persona) -> None:
     ``TIMERS_DUE_EVERY_S``, since a big backlog takes milliseconds to count.
     """
     watermark, timers = persona.clocks.watermark, persona.timers
-    if not any(timers.has_due(p, watermark(p)) for p in persona.partition_events):
+    if not timers_due_somewhere(persona):
         persona.metrics.timers_due.set(0)
         persona.timers_due_counted_at = 0.0
         return
