@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -112,40 +112,36 @@ class ProfileCache:
         *,
         lead_scores: Mapping[str, float] | None = None,
         segment_sizes: Mapping[str, int] | None = None,
+        erased: Sequence[str] = (),
+        aliases: Mapping[str, str | None] | None = None,
     ) -> None:
-        """Upsert summaries, lead scores and segment sizes in one pipeline; retry until taken.
+        """Upsert summaries, lead scores and segment sizes, then forget ``erased`` users and
+        re-key ``aliases``, all in one pipeline; retry until Redis takes it.
 
-        Every write is absolute (HSET, ZADD, HSET of counts), never an increment, so writing the
-        same batch twice after a crash leaves Redis as writing it once.
+        ``erased``: everything Persona keeps in Redis about these users goes (erasure requests).
+        ``aliases``: merged anonymous ids lose their profile hash and lead entry, and an alias key
+        points to the known user (``None``: the alias key goes too, after an erasure).
+
+        Every write is absolute (HSET, ZADD, HSET of counts, DEL, SET), never an increment, so
+        writing the same batch twice after a crash leaves Redis as writing it once.
         """
         commands = [hset_command(profile_key(u), s) for u, s in summaries.items()]
         if lead_scores:
             commands.append(zadd_command(LEADS_KEY, lead_scores))
         if segment_sizes:
             commands.append(hset_command(SEGMENT_SIZES_KEY, segment_sizes))
-        await self._write(commands, f"{len(summaries)} profiles")
-
-    async def erase(self, user_ids: list[str]) -> None:
-        """Remove everything Persona keeps in Redis about these users (erasure requests)."""
-        if user_ids:
-            commands = [command("DEL", profile_key(u)) for u in user_ids]
-            commands.append(command("ZREM", LEADS_KEY, *user_ids))
-            await self._write(commands, f"erasure of {len(user_ids)} users")
-
-    async def relink(self, aliases: dict[str, str | None]) -> None:
-        """Re-key merged anonymous ids: their profile hash and lead entry go, and an alias key
-        points to the known user (``None``: the alias key goes too, after an erasure)."""
-        if not aliases:
-            return
-        commands = []
-        for anonymous_id, user_id in aliases.items():
+        if erased:
+            commands += [command("DEL", profile_key(u)) for u in erased]
+            commands.append(command("ZREM", LEADS_KEY, *erased))
+        for anonymous_id, user_id in (aliases or {}).items():
             commands.append(command("DEL", profile_key(anonymous_id)))
             if user_id is None:
                 commands.append(command("DEL", alias_key(anonymous_id)))
             else:
                 commands.append(command("SET", alias_key(anonymous_id), user_id))
-        commands.append(command("ZREM", LEADS_KEY, *aliases))
-        await self._write(commands, f"{len(aliases)} identity links")
+        if aliases:
+            commands.append(command("ZREM", LEADS_KEY, *aliases))
+        await self._write(commands, f"{len(summaries)} profiles")
 
     async def _write(self, commands: list[bytes], what: str) -> None:
         """Send ``commands`` as one pipeline; on a connection failure retry with backoff until

@@ -73,6 +73,7 @@ from streams.engine import (
     due_limit,
     now_for,
 )
+from streams.fastpath import QuietMonitor, RawSchema
 from streams.identity import (
     IdentityWork,
     alias_key,
@@ -242,6 +243,7 @@ def create_app(settings: Settings) -> Persona:
         # 1-3 KB) overflowed the default 16 KiB batch every few records, and each extra batch of a
         # partition waits for the one before it to reach the broker.
         producer_max_batch_size=PRODUCE_BATCH_BYTES,
+        Monitor=QuietMonitor,
     )
     engine = build_engine(settings)
     metrics = Metrics()
@@ -254,7 +256,7 @@ def create_app(settings: Settings) -> Persona:
     }
     profiles = app.Table("profiles", **table_options)
     trainer_state = app.Table("trainer-state", **table_options)
-    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    raw = {"schema": RawSchema()}
     ticks_name = ticks_topic_name(settings)
     topics = {kind: app.topic(name, **raw) for kind, name in settings.topics.items()}
     topics["snapshots"] = app.topic(snapshots_topic_name(settings), **raw)
@@ -951,10 +953,12 @@ async def _publish(
     }
     redis_started = time.perf_counter()
     await persona.cache.write_profiles(
-        outputs.redis_fields, lead_scores=outputs.lead_scores, segment_sizes=segment_sizes
+        outputs.redis_fields,
+        lead_scores=outputs.lead_scores,
+        segment_sizes=segment_sizes,
+        erased=erased,
+        aliases=relinked,
     )
-    await persona.cache.erase(list(erased))
-    await persona.cache.relink(dict(relinked or {}))
     metrics.redis_write_seconds.observe(time.perf_counter() - redis_started)
     metrics.profile_writes.inc(len(outputs.redis_fields))
     metrics.timers_pending.set(len(persona.timers))

@@ -74,7 +74,7 @@ from streams.engine import TRIGGERS_KEY, Outputs, due_limit, now_for
 from streams.ingest import BatchResult, Record, apply_events, parse_records
 from streams.ordering import ReorderBuffer
 from streams.settings import Settings
-from streams.worker import WorkerProcess, ensure_topics
+from streams.worker import WorkerProcess, ensure_topics, tune_gc
 
 TOPIC_PREFIX = "bench-"
 POLL_S = 0.25
@@ -319,6 +319,7 @@ def _routed(settings: Settings, raw: Iterator[tuple[str, bytes, bytes]], n: int)
 async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throughput:
     """Plain aiokafka consumer + the engine's per-batch work, until ``expected`` events."""
     engine = build_engine(settings)
+    tune_gc(settings.gc_gen0_threshold)  # as the worker does
     topics = list(settings.input_topics.values())
     consumer = AIOKafkaConsumer(
         *topics,

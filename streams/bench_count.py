@@ -46,7 +46,8 @@ def _write(path: Path, report: Mapping[str, Any]) -> None:
 def main(env: Mapping[str, str] | None = None) -> None:
     import faust
 
-    from streams.worker import execute_worker, use_uvloop
+    from streams.settings import SETTINGS
+    from streams.worker import execute_worker, tune_gc, use_uvloop
 
     use_uvloop()
     env = os.environ if env is None else env
@@ -97,6 +98,7 @@ def main(env: Mapping[str, str] | None = None) -> None:
                 written_at = now
                 _write(out, report)
 
+    tune_gc(SETTINGS["gc_gen0_threshold"].default)  # as the worker does
     execute_worker(app, "warning")
 
 

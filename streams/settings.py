@@ -203,6 +203,13 @@ SETTINGS: dict[str, Setting] = {
         "(shared by the partitions); smaller runs keep the events waiting behind them shorter",
         _positive_int,
     ),
+    "gc_gen0_threshold": Setting(
+        "PERSONA_GC_GEN0_THRESHOLD",
+        20000,
+        "allocations between two young-generation garbage collections (Python's default is 700; "
+        "the worker also freezes what exists at start-up out of every collection)",
+        _positive_int,
+    ),
     "batch_drain": Setting(
         "PERSONA_BATCH_DRAIN",
         True,
@@ -352,6 +359,7 @@ class Settings:
     rocksdb_memory_mb: int
     fetch_max_wait_ms: int
     batch_drain: bool
+    gc_gen0_threshold: int
     timer_chunk: int
     max_event_bytes: int
     max_future_s: float
