@@ -13,6 +13,7 @@ wall-clock time: ``ts`` is the event time in epoch seconds.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any, NotRequired, TypedDict
 
@@ -89,6 +90,7 @@ def topic_kind(call_type: str, event_name: str) -> str:
     return "clickstream"
 
 
+@functools.lru_cache(maxsize=4096)  # a profile's scoring formats the same few times repeatedly
 def iso_utc(ts: float) -> str:
     """Epoch seconds as ISO-8601 UTC with milliseconds and ``Z``: the form of every time Persona
     writes.

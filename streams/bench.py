@@ -30,8 +30,8 @@ compete for the two cores with each other:
 Throughput has one definition for every contender: events counted after the end of the first
 batch, divided by the time from the end of the first batch to the end of the last (the start of
 the first batch is not observable from ``/metrics``; the engine's end is the middle of the 0.25 s
-poll interval in which its count reached ``events``). Every contender runs on uvloop (as the
-worker does) and uses the worker's settings
+poll interval in which its count reached ``events``). Every contender runs on uvloop with the
+worker's garbage-collector settings (:func:`~streams.worker.tune_gc`) and uses the worker's settings
 (``PERSONA_*`` environment, as ``persona demo`` does), with the embedded broker's 2 s session
 timeout and 0.5 s heartbeat, and ``PERSONA_LIVE_CLOCK=false`` (simulated event time).
 """
