@@ -71,7 +71,9 @@ from streams.engine import (
     EngineOptions,
     Outputs,
     due_limit,
+    move_segment,
     now_for,
+    segment_sizes,
 )
 from streams.fastpath import QuietMonitor, RawSchema
 from streams.identity import (
@@ -697,8 +699,7 @@ def erase_users(
             identity.relinked[user_id] = None
             identity.forward(target, erasure_request(target, at))
         segment = ((old or {}).get(TRIGGERS_KEY) or {}).get("segment")
-        if segment:
-            persona.segment_counts.setdefault(partition, Counter())[segment] -= 1
+        move_segment(persona.segment_counts, partition, segment, None)
         for kind in ("abandoned_cart", "segment_changes", "hot_leads"):
             out.emissions.append(Emission(kind, key, tombstone(user_id, at=at)))
         offer_tombstone = tombstone(user_id, at=at, secret=secret)
@@ -928,12 +929,9 @@ async def _publish(
         if due is not None:
             persona.timers.schedule(partition, due, user_id)
         new_segment = (profile.get(TRIGGERS_KEY) or {}).get("segment")
-        old_segment = changes.old_segments.get(user_id)
-        if new_segment != old_segment:
-            counts = persona.segment_counts.setdefault(partition, Counter())
-            if old_segment:
-                counts[old_segment] -= 1
-            counts[new_segment] += 1
+        move_segment(
+            persona.segment_counts, partition, changes.old_segments.get(user_id), new_segment
+        )
     for partition, user_ids in by_partition.items():
         with as_current_event(persona.partition_events[partition]):
             for user_id in user_ids:
@@ -946,16 +944,11 @@ async def _publish(
         totals.update(counts)
     for segment, count in totals.items():
         metrics.segment_size.labels(segment=segment).set(count)
-    segment_sizes = {
-        f"{partition}/{segment}": count
-        for partition in by_partition
-        for segment, count in persona.segment_counts.get(partition, Counter()).items()
-    }
     redis_started = time.perf_counter()
     await persona.cache.write_profiles(
         outputs.redis_fields,
         lead_scores=outputs.lead_scores,
-        segment_sizes=segment_sizes,
+        segment_sizes=segment_sizes(persona.segment_counts, by_partition),
         erased=erased,
         aliases=relinked,
     )

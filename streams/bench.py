@@ -70,7 +70,14 @@ from connectors.simulator import ShopperSimulator
 from models import jsonbytes
 from streams.app import build_engine
 from streams.clock import PartitionClocks, TimerIndex
-from streams.engine import TRIGGERS_KEY, Outputs, due_limit, now_for
+from streams.engine import (
+    TRIGGERS_KEY,
+    Outputs,
+    due_limit,
+    move_segment,
+    now_for,
+    segment_sizes,
+)
 from streams.ingest import BatchResult, Record, apply_events, parse_records
 from streams.ordering import ReorderBuffer
 from streams.settings import Settings
@@ -360,17 +367,9 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
             if due is not None:
                 timers.schedule(partition, due, user_id)
             new = (profile.get(TRIGGERS_KEY) or {}).get("segment")
-            if new != old.get(user_id):
-                counts = segment_counts.setdefault(partition, Counter())
-                if old.get(user_id):
-                    counts[old[user_id]] -= 1
-                counts[new] += 1
+            move_segment(segment_counts, partition, old.get(user_id), new)
             table[user_id] = jsonbytes.dumps(profile)
-        sizes = {
-            f"{p}/{segment}": n
-            for p in set(partition_of.values())
-            for segment, n in segment_counts.get(p, Counter()).items()
-        }
+        sizes = segment_sizes(segment_counts, set(partition_of.values()))
         await cache.write_profiles(
             outputs.redis_fields, lead_scores=outputs.lead_scores, segment_sizes=sizes
         )

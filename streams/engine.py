@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -433,6 +433,39 @@ def due_limit(per_chunk: int, partitions: int) -> int:
     (66, 200, 1)
     """
     return max(1, per_chunk // max(partitions, 1))
+
+
+def move_segment(
+    counts: dict[int, Counter[str]], partition: int, old: str | None, new: str | None
+) -> None:
+    """Keep ``partition``'s users-per-segment count as a user moves from segment ``old`` to
+    ``new`` (``None``: no segment, a new or a removed user).
+
+    >>> counts = {}
+    >>> move_segment(counts, 0, None, "new"); move_segment(counts, 0, "new", "loyal")
+    >>> move_segment(counts, 0, "loyal", None); counts
+    {0: Counter({'new': 0, 'loyal': 0})}
+    """
+    if new == old:
+        return
+    partition_counts = counts.setdefault(partition, Counter())
+    if old:
+        partition_counts[old] -= 1
+    if new is not None:
+        partition_counts[new] += 1
+
+
+def segment_sizes(counts: dict[int, Counter[str]], partitions: Iterable[int]) -> dict[str, int]:
+    """The ``<partition>/<segment>`` → users fields of ``partitions`` (Redis' segment sizes).
+
+    >>> segment_sizes({0: Counter(new=2), 1: Counter(loyal=1)}, [0, 2])
+    {'0/new': 2}
+    """
+    return {
+        f"{partition}/{segment}": count
+        for partition in partitions
+        for segment, count in counts.get(partition, Counter()).items()
+    }
 
 
 def now_for(profile: dict[str, Any], watermark: float) -> float:

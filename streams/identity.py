@@ -22,7 +22,6 @@ acknowledged, so a crash repeats a step but never drops one.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ import orjson
 from models.events import ERASURE_REQUESTED, Event
 from models.features import new_profile
 from models.identity import MERGED_FROM_KEY, already_merged, merge_profiles, record_merged
+from streams.engine import move_segment
 from streams.ingest import Record
 
 if TYPE_CHECKING:
@@ -143,8 +143,7 @@ def run_claims(
         if profile is not None:
             write(partition, anonymous_id.encode(), None)
             segment = (profile.get("triggers") or {}).get("segment")
-            if segment:
-                persona.segment_counts.setdefault(partition, Counter())[segment] -= 1
+            move_segment(persona.segment_counts, partition, segment, None)
         write(partition, alias_key(anonymous_id), user_id.encode())
         work.relinked[anonymous_id] = user_id
         work.send(user_id, MERGE, anonymous_id=anonymous_id, user_id=user_id, profile=profile)
