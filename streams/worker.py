@@ -82,7 +82,8 @@ def tune_gc(gen0_threshold: int) -> None:
     for about 200 ms. Freezing the start-up heap (:func:`gc.freeze`) takes it out of every later
     collection; a higher young-generation threshold makes the rest rarer. Persona's per-event
     data (parsed events, profiles as JSON trees) has no reference cycles: reference counting
-    frees it either way.
+    frees it either way. What does form cycles (some of Faust's in-flight objects) waits longer
+    for a collection, which costs resident memory (the README's benchmark figures show how much).
     """
     import gc
 
