@@ -55,7 +55,7 @@ from connectors.kafka import first_offset_from as first_offset_from_broker
 from connectors.payloads import tombstone
 from connectors.redis_cache import ProfileCache
 from connectors.segment import dead_letter_record
-from models import jsonbytes
+from models import profile_codec
 from models.config import load_config
 from models.events import Event
 from models.snapshots import SnapshotSignatureError, verify_and_load
@@ -608,7 +608,7 @@ def _caught_up(persona: Persona, partition: int) -> dict[str, bool]:
 
 def _load(persona: Persona, user_id: str) -> dict[str, Any] | None:
     raw = persona.profiles.get(user_id.encode())
-    return orjson.loads(raw) if raw else None
+    return profile_codec.decode(raw) if raw else None
 
 
 def erasure_marker(persona: Persona, user_id: str) -> bytes:
@@ -721,7 +721,7 @@ def _index_partition(persona: Persona, partition: int) -> None:
         if key.startswith(INTERNAL_KEY_PREFIX):  # erasure markers, aliases
             persona.internal_keys.add(key)
             continue
-        profile = orjson.loads(raw)
+        profile = profile_codec.decode(raw)
         if profile.get(PARTITION_FIELD) != partition:
             continue
         due = persona.engine.next_due(profile)
@@ -935,7 +935,7 @@ async def _publish(
     for partition, user_ids in by_partition.items():
         with as_current_event(persona.partition_events[partition]):
             for user_id in user_ids:
-                value = jsonbytes.dumps(changed[user_id])
+                value = profile_codec.encode(changed[user_id])
                 outbox.write(persona.profiles, partition, user_id.encode(), value)
     metrics.observe_latency("profile_updated", produced_at)
 

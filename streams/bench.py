@@ -67,7 +67,7 @@ from connectors.embedded import stop_process_group as _stop_group
 from connectors.kafka import Message, bootstrap_servers, produce_all
 from connectors.redis_cache import ProfileCache
 from connectors.simulator import ShopperSimulator
-from models import jsonbytes
+from models import profile_codec
 from streams.app import build_engine
 from streams.clock import PartitionClocks, TimerIndex
 from streams.engine import (
@@ -351,7 +351,7 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
 
     def load(user_id: str) -> dict[str, Any] | None:
         raw = table.get(user_id)
-        return orjson.loads(raw) if raw else None
+        return profile_codec.decode(raw) if raw else None
 
     async def publish(
         changed: dict[str, dict[str, Any]],
@@ -368,7 +368,7 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
                 timers.schedule(partition, due, user_id)
             new = (profile.get(TRIGGERS_KEY) or {}).get("segment")
             move_segment(segment_counts, partition, old.get(user_id), new)
-            table[user_id] = jsonbytes.dumps(profile)
+            table[user_id] = profile_codec.encode(profile)
         sizes = segment_sizes(segment_counts, set(partition_of.values()))
         await cache.write_profiles(
             outputs.redis_fields, lead_scores=outputs.lead_scores, segment_sizes=sizes

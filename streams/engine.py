@@ -35,7 +35,7 @@ from connectors.payloads import (
     offer_payload,
     segment_change_payload,
 )
-from models import labels, offers, triggers
+from models import labels, offers, profile_codec, triggers
 from models.events import OFFER_CLICKED, ORDER_COMPLETED, Event
 from models.features import feature_vector, summary
 from models.lead import LeadModel
@@ -346,9 +346,10 @@ class Engine:
         hour) would otherwise hold one batch, and every event queued behind it, for seconds.
 
         A due user is taken from ``changed`` (this batch's profiles) or loaded with ``stored``
-        (its serialized profile). A heap entry can be stale (the user's deadline moved on since,
-        or a label horizon ends exactly at ``watermark``): when the stored profile has nothing
-        due, the timer is scheduled again and the profile is neither scored nor written.
+        (its stored bytes, see :mod:`models.profile_codec`). A heap entry can be stale (the
+        user's deadline moved on since, or a label horizon ends exactly at ``watermark``): when
+        the stored profile has nothing due, the timer is scheduled again and the profile is
+        neither scored nor written.
         """
         outputs = Outputs()
         touched = []
@@ -358,6 +359,7 @@ class Engine:
                 raw = stored(user_id)
                 if raw is None:
                     continue  # erased since it was scheduled
+                raw = profile_codec.json_of(raw)
                 profile = orjson.loads(raw)
                 due = self.next_due(profile)
                 if due is None or due > watermark:  # stale: the deadline moved on

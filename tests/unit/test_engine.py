@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 
 from connectors.segment import parse_event
+from models import profile_codec
 from models.config import load_config
 from streams.clock import TimerIndex
 from streams.engine import Engine, EngineOptions, Outputs, now_for
@@ -88,7 +89,7 @@ def test_abandoned_cart_fires_once_when_the_watermark_passes_the_deadline() -> N
 def test_run_due_fires_due_profiles_within_the_limit_and_reschedules_stale_entries() -> None:
     engine = Engine(load_config(None), EngineOptions(consent_default=False))
     changed, _ = run(engine, shopper("a") + shopper("b") + shopper("c"))
-    table = {user: orjson.dumps(profile) for user, profile in changed.items()}
+    table = {user: profile_codec.encode(profile) for user, profile in changed.items()}
     deadline = engine.next_due(changed["a"])
     assert deadline is not None
     timers = TimerIndex()
