@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import orjson
@@ -31,6 +32,19 @@ def test_a_scored_profile_round_trips_in_a_fraction_of_its_json() -> None:
         # run_due compares this with orjson.dumps of the profile to skip unchanged writes
         assert profile_codec.json_of(raw) == orjson.dumps(profile)
         assert len(raw) * 3 < len(orjson.dumps(profile)), "the dictionary should do most of it"
+
+
+def test_a_stored_profile_allocates_about_its_length() -> None:
+    profile = next(iter(scored_profiles().values()))
+    encoded = profile_codec.encode(profile)
+    tracemalloc.start()
+    try:
+        kept = [profile_codec.encode(profile) for _ in range(200)]
+        per_value = tracemalloc.get_traced_memory()[0] / len(kept)
+    finally:
+        tracemalloc.stop()
+    # bytes header (33) + list slot (8) + allocator rounding; zstandard's output: the JSON's size
+    assert per_value < len(encoded) + 128
 
 
 def test_profiles_stored_as_json_before_the_codec_still_load() -> None:
