@@ -786,8 +786,8 @@ def format_report(result: dict[str, Any]) -> str:
         "(the engine does all of those).",
         '  latency: difference of the worker\'s persona_latency_seconds{stage="redis_written"} '
         "histogram over the paced run,",
-        "  from the Kafka produce timestamp, interpolated linearly inside buckets (bounds 5, 10, "
-        "25, 50, 100, 250 ms, ...): coarse.",
+        "  from the Kafka produce timestamp, interpolated linearly inside buckets (bounds 50, 100, "
+        "150, 200, 250, 300, 400, 500 ms, ...).",
         "  memory: worker VmRSS after the run minus right after start-up, over the profiles in "
         "Redis; includes Faust buffers, not only profiles;",
         "  the second-half figure leaves start-up growth out: RSS growth from the halfway count "
