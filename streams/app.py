@@ -280,7 +280,7 @@ def create_app(settings: Settings) -> Persona:
             idle_after_s=settings.idle_after_s,
             live=settings.live_clock,
         ),
-        ordering=ReorderBuffer(settings.input_topics.values()),
+        ordering=ReorderBuffer(settings.input_topics.values(), max_held=settings.reorder_max_held),
         offsets=OffsetGuard(frozenset({*settings.input_topics.values(), links_name})),
         trainer_state=trainer_state,
     )
@@ -883,6 +883,9 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
         metrics.batch_events.observe(len(records))
         metrics.batch_seconds.observe(time.perf_counter() - started)
     metrics.held_events.set(persona.ordering.held())
+    if persona.ordering.forced:
+        metrics.forced_events.inc(persona.ordering.forced)
+        persona.ordering.forced = 0
     set_timers_due(persona)
     await _hand_off(
         persona, outbox, [record for record, _ in released], settled_watermarks(persona)

@@ -339,7 +339,7 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
     )
     cache = ProfileCache(settings.redis_url)
     table: dict[str, bytes] = {}
-    ordering = ReorderBuffer(topics)
+    ordering = ReorderBuffer(topics, max_held=settings.reorder_max_held)
     clocks = PartitionClocks(lateness_s=settings.allowed_lateness_s, live=False)
     timers = TimerIndex()
     segment_counts: dict[int, Counter[str]] = {}

@@ -280,6 +280,12 @@ class Metrics:
             "Valid events waiting for event-time order across input topics (not yet applied)",
             registry=r,
         )
+        self.forced_events = Counter(
+            "persona_ordering_forced_events",
+            "Events applied out of event-time order because a partition held "
+            "PERSONA_REORDER_MAX_HELD events already (a topic far behind the others)",
+            registry=r,
+        )
         self.up = Gauge("persona_up", "1 while this worker serves metrics", registry=r)
         self.up.set(1)
 

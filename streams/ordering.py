@@ -37,11 +37,12 @@ from typing import Any
 class ReorderBuffer:
     """Per-partition heaps of held items, released when every input topic has moved past them.
 
-    ``max_held`` bounds memory per partition: beyond it the oldest items are released even if a
-    topic is behind (counted in :attr:`forced`), trading strict order for staying alive.
+    ``max_held`` bounds memory per partition (a held event costs the worker about 4 KB): beyond
+    it the oldest items are released even if a topic is behind (counted in :attr:`forced`),
+    trading strict order for staying alive.
     """
 
-    def __init__(self, topics: Iterable[str], *, max_held: int = 200_000) -> None:
+    def __init__(self, topics: Iterable[str], *, max_held: int = 50_000) -> None:
         self.topics = tuple(topics)
         self.max_held = max_held
         self._held: dict[int, list[tuple[float, int, Any]]] = {}

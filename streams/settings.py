@@ -261,6 +261,14 @@ SETTINGS: dict[str, Setting] = {
         "watermark = largest event time seen minus this",
         _non_negative_float,
     ),
+    "reorder_max_held": Setting(
+        "PERSONA_REORDER_MAX_HELD",
+        50_000,
+        "most valid events a partition holds back to apply them in event-time order across the "
+        "input topics; beyond it the oldest go on out of order "
+        "(persona_ordering_forced_events). A held event takes about 4 KB of memory",
+        _positive_int,
+    ),
     "idle_after_s": Setting(
         "PERSONA_IDLE_AFTER_S",
         5.0,
@@ -369,6 +377,7 @@ class Settings:
     config_path: str
     live_clock: bool
     allowed_lateness_s: float
+    reorder_max_held: int
     idle_after_s: float
     tick_interval_s: float
     pseudonym_secret: str
