@@ -783,7 +783,7 @@ def format_report(result: dict[str, Any]) -> str:
         "  the engine's counts come from its /metrics every 0.25 s (end = middle of the poll "
         "interval that reached the total).",
         "  ceiling: in-process aiokafka getmany + parse, event-time reorder, apply+after_event, "
-        "timers, score, orjson dict table,",
+        "timers, score, a dict of stored (zstd) profiles,",
         "  one Redis pipeline per batch; no changelog, no trigger/training sends, no metrics "
         "(the engine does all of those).",
         '  latency: difference of the worker\'s persona_latency_seconds{stage="redis_written"} '
