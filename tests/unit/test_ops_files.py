@@ -172,6 +172,10 @@ def test_alert_rules_fire_on_synthetic_series(tmp_path: Path) -> None:
                         "series": f'persona_model_snapshot_age_seconds{{{base}, model="lead"}}',
                         "values": "60+60x80",
                     },
+                    {  # 50 events a minute forced out of order from minute 20 to 30
+                        "series": f"persona_ordering_forced_events_total{{{base}}}",
+                        "values": "0x20 50+50x9 500x50",
+                    },
                 ],
                 "alert_rule_test": [
                     {"eval_time": "1m", "alertname": "PersonaWorkerDown", "exp_alerts": []},
@@ -189,6 +193,23 @@ def test_alert_rules_fire_on_synthetic_series(tmp_path: Path) -> None:
                         "eval_time": "80m",
                         "alertname": "PersonaNoTriggersWhileEventsFlow",
                         "exp_alerts": [expect("PersonaNoTriggersWhileEventsFlow", {})],
+                    },
+                    {
+                        "eval_time": "15m",
+                        "alertname": "PersonaEventsAppliedOutOfOrder",
+                        "exp_alerts": [],
+                    },
+                    {
+                        "eval_time": "25m",
+                        "alertname": "PersonaEventsAppliedOutOfOrder",
+                        "exp_alerts": [
+                            expect("PersonaEventsAppliedOutOfOrder", {"instance": "w1:6066"}, "250")
+                        ],
+                    },
+                    {
+                        "eval_time": "60m",
+                        "alertname": "PersonaEventsAppliedOutOfOrder",
+                        "exp_alerts": [],
                     },
                     {
                         "eval_time": "40m",
