@@ -33,6 +33,9 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+DEFAULT_MAX_HELD = 50_000
+"""Held events per partition beyond which the oldest go on out of order (about 200 MiB)."""
+
 
 class ReorderBuffer:
     """Per-partition heaps of held items, released when every input topic has moved past them.
@@ -42,7 +45,7 @@ class ReorderBuffer:
     trading strict order for staying alive.
     """
 
-    def __init__(self, topics: Iterable[str], *, max_held: int = 50_000) -> None:
+    def __init__(self, topics: Iterable[str], *, max_held: int = DEFAULT_MAX_HELD) -> None:
         self.topics = tuple(topics)
         self.max_held = max_held
         self._held: dict[int, list[tuple[float, int, Any]]] = {}

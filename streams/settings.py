@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from connectors.kafka import KafkaSecurity
+from streams.ordering import DEFAULT_MAX_HELD
 
 
 class SettingsError(ValueError):
@@ -263,7 +264,7 @@ SETTINGS: dict[str, Setting] = {
     ),
     "reorder_max_held": Setting(
         "PERSONA_REORDER_MAX_HELD",
-        50_000,
+        DEFAULT_MAX_HELD,
         "most valid events a partition holds back to apply them in event-time order across the "
         "input topics; beyond it the oldest go on out of order "
         "(persona_ordering_forced_events). A held event takes about 4 KB of memory",
