@@ -724,8 +724,9 @@ def run_bench(
                 after = latency_buckets(text, stage)
                 diff = {le: after.get(le, 0.0) - before[stage].get(le, 0.0) for le in after}
                 for name, q in (("p50", 0.5), ("p99", 0.99)):
-                    value = histogram_quantile(q, diff)
-                    result[prefix + name + "_ms"] = None if value is None else round(value * 1000, 1)
+                    seconds = histogram_quantile(q, diff)
+                    ms = None if seconds is None else round(seconds * 1000, 1)
+                    result[f"{prefix}{name}_ms"] = ms
 
     result["ratio"] = round(result["engine_events_per_s"] / result["ceiling_events_per_s"], 3)
     if workers == 2:
