@@ -60,6 +60,7 @@ from models.config import load_config
 from models.events import Event
 from models.snapshots import SnapshotSignatureError, verify_and_load
 from streams.api import add_routes
+from streams.batching import take_lingering
 from streams.clock import PartitionClocks, TimerIndex
 from streams.drain import install_batch_drain
 from streams.engine import (
@@ -299,7 +300,7 @@ def create_app(settings: Settings) -> Persona:
 
     @app.agent(inputs, name="ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
-        async for events in stream.take_events(settings.batch_size, settings.batch_within_s):
+        async for events in take_lingering(stream, settings.batch_size, settings.batch_within_s):
             await _or_crash(app, process_batch(persona, events))
 
     @app.agent(topics["training_examples"], name="trainer")

@@ -187,12 +187,13 @@ SETTINGS: dict[str, Setting] = {
     "batch_within_s": Setting(
         "PERSONA_BATCH_WITHIN_S",
         0.05,
-        "longest wait to fill a batch, seconds",
+        "longest an input event waits for its batch to fill, from the batch's first event "
+        "(the trainer's batches: after the previous batch), seconds",
         _positive_float,
     ),
     "fetch_max_wait_ms": Setting(
         "PERSONA_FETCH_MAX_WAIT_MS",
-        100,
+        20,
         "longest a consumer fetch waits at the broker for data (Faust fixes 1500; the embedded "
         "broker holds a fetch most of that even when data arrives, so it bounds latency there)",
         _positive_int,
