@@ -26,9 +26,7 @@ def collect(values: list[str], *, max_events: int, linger_s: float, busy_s: floa
         async for events in take_lingering(stream, max_events, linger_s):
             handed_over = time.monotonic() - started
             await asyncio.sleep(busy_s)
-            batches.append(
-                ([e.value for e in events], handed_over, time.monotonic() - started)
-            )
+            batches.append(([e.value for e in events], handed_over, time.monotonic() - started))
 
     async def run() -> None:
         nonlocal started
