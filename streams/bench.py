@@ -21,11 +21,16 @@ compete for the two cores with each other:
    triggers, trainer, metrics), started after the topics were filled; progress read from its
    ``/metrics`` every 0.25 s. Its resident memory (``VmRSS``) right after start-up and after the
    run gives the memory per profile.
-5. **latency**: the same worker, idle again, gets the next events of the simulator on the same
-   topics, paced at half its measured rate (:func:`~connectors.kafka.produce_all`
-   ``rate_per_s``); p50/p99 from the difference of its ``persona_latency_seconds
-   {stage="redis_written"}`` histogram before and after (linear within a bucket, as Prometheus'
-   ``histogram_quantile`` does).
+5. **later events**: the same worker, idle again, gets the next events of the simulator on the
+   same topics, paced at half its measured rate (:func:`~connectors.kafka.produce_all`
+   ``rate_per_s``); p50/p99 from the difference of its ``persona_latency_seconds`` histogram
+   before and after (linear within a bucket, as Prometheus' ``histogram_quantile`` does). These
+   events cost more each than the first ones: the simulator compresses weeks into seconds, so
+   label horizons and attribution windows of every user scored earlier come due meanwhile.
+6. **latency** (the target): the same events as the engine run, produced again to their own
+   topics (prefix ``bench-paced-``) at half the engine's rate while a fresh worker reads them:
+   the workload whose maximum rate was measured, at half of it. Its memory per profile has no
+   read-ahead in it (the input arrives as it is produced).
 
 Throughput has one definition for every contender: events counted after the end of the first
 batch, divided by the time from the end of the first batch to the end of the last (the start of
@@ -84,11 +89,13 @@ from streams.settings import Settings
 from streams.worker import WorkerProcess, ensure_topics, tune_gc
 
 TOPIC_PREFIX = "bench-"
+PACED_TOPIC_PREFIX = "bench-paced-"
+"""The latency run's own copy of the input, produced at its pace while a fresh worker reads."""
 POLL_S = 0.25
 """How often the engine's /metrics is read: each read renders every series (a few % of the
 worker's CPU at 10 per second); the end of a 30 s run is known to ±0.125 s."""
 PARTITION_FIELD = "partition"  # as streams.app writes it into each profile
-REDIS_DB = {"ceiling": 1, "engine": 2, "engine2": 3}
+REDIS_DB = {"ceiling": 1, "engine": 2, "engine2": 3, "paced": 4}
 """One Redis database per contender, so none overwrites another's profiles."""
 RESULT_KEYS = (
     "events", "workers", "engine_events_per_s", "ceiling_events_per_s", "ratio",
@@ -297,7 +304,12 @@ def _errors(log_path: Path, limit: int = 3) -> str:
 
 
 def _settings(
-    broker: EmbeddedBroker, redis: EmbeddedRedis, data_dir: Path, run: str, partitions: int
+    broker: EmbeddedBroker,
+    redis: EmbeddedRedis,
+    data_dir: Path,
+    run: str,
+    partitions: int,
+    topic_prefix: str = TOPIC_PREFIX,
 ) -> Settings:
     run_dir = data_dir / run
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -306,7 +318,7 @@ def _settings(
         broker_url=broker.url,
         redis_url=f"redis://{redis.host}:{redis.port}/{REDIS_DB.get(run, 0)}",
         app_id=f"bench-{run}",
-        topic_prefix=TOPIC_PREFIX,
+        topic_prefix=topic_prefix,
         # Each engine run trains from its own examples only.
         topic_training_examples=f"{run}-training-examples",
         partitions=partitions,
@@ -700,33 +712,38 @@ def run_bench(
             if recorded is not None:
                 result["profile"] = str(recorded)
 
+            # 5. the events that follow, at half that rate, on the same worker (idle again)
             _wait_idle(worker.pid)
             rate = max(engine.events_per_s * 0.5, 1.0)
             duration = min(max(engine.seconds, 5.0), max(latency_s, 5.0))
-            paced = _routed(engine_settings, raw, max(int(rate * duration), 100))
-            before = {s: latency_buckets(worker.scrape() or "", s) for s in REPORTED_STAGES}
-            cpu_before, started = cpu_seconds(worker.pid), time.monotonic()
-            latency_profile = _latency_profile(profile_path) if profile_path else None
-            profiler = _Profiler(worker.pid, latency_profile) if latency_profile else None
+            later = _routed(engine_settings, raw, max(int(rate * duration), 100))
+            result["later_events"] = len(later)
+            result.update(_paced(worker, later, rate, n + len(later), timeout_s, "later_"))
+
+        # 6. the same events again, at half that rate, to a fresh worker: the latency target
+        paced_settings = _settings(
+            broker, redis, data_dir, "paced", partitions, topic_prefix=PACED_TOPIC_PREFIX
+        )
+        same = _routed(paced_settings, ShopperSimulator(users, seed).raw_messages(), n)
+        with _engine_workers(paced_settings, 1) as (worker,):
+            assert worker.pid is not None
+            paced_rss_start = rss_kib(worker.pid)
+            profiler = (
+                _Profiler(worker.pid, _latency_profile(profile_path)) if profile_path else None
+            )
             try:
-                asyncio.run(produce_all(engine_settings.broker_url, paced, rate_per_s=rate))
-                _Poll([worker]).until(n + len(paced), timeout_s)
+                result.update(_paced(worker, same, rate, n, timeout_s))
             finally:
                 recorded = profiler.stop() if profiler else None
             if recorded is not None:
                 result["latency_profile"] = str(recorded)
-            text = worker.scrape() or ""
-            busy = (cpu_seconds(worker.pid) - cpu_before) / (time.monotonic() - started)
-            result["latency_cpu_cores"] = round(busy, 2)
-            result["latency_events"] = len(paced)
-            result["latency_rate_per_s"] = round(rate, 1)
-            for stage, prefix in REPORTED_STAGES.items():
-                after = latency_buckets(text, stage)
-                diff = {le: after.get(le, 0.0) - before[stage].get(le, 0.0) for le in after}
-                for name, q in (("p50", 0.5), ("p99", 0.99)):
-                    seconds = histogram_quantile(q, diff)
-                    ms = None if seconds is None else round(seconds * 1000, 1)
-                    result[f"{prefix}{name}_ms"] = ms
+            paced_profiles = asyncio.run(_count_profiles(paced_settings.redis_url))
+            result["paced_rss_mb_per_100k_profiles"] = round(
+                (rss_kib(worker.pid) - paced_rss_start) / 1024 / max(paced_profiles, 1) * 100_000,
+                1,
+            )
+        result["latency_rate_per_s"] = round(rate, 1)
+        result["latency_events"] = n
 
     result["ratio"] = round(result["engine_events_per_s"] / result["ceiling_events_per_s"], 3)
     if workers == 2:
@@ -734,6 +751,41 @@ def run_bench(
             result["two_worker_events_per_s"] / result["engine_events_per_s"], 3
         )
     return result
+
+
+def _paced(
+    worker: WorkerProcess,
+    messages: list[Message],
+    rate: float,
+    expected_total: int,
+    timeout_s: float,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Produce ``messages`` at ``rate`` per second while ``worker`` reads them, until it counted
+    ``expected_total``: p50/p99 of each reported stage over that run (from the difference of its
+    histograms), the worker's CPU, and the due timers it fired per event."""
+    assert worker.pid is not None
+    text = worker.scrape() or ""
+    before = {stage: latency_buckets(text, stage) for stage in REPORTED_STAGES}
+    fired_before = gauge(text, "persona_timers_fired_total")
+    cpu_before, started = cpu_seconds(worker.pid), time.monotonic()
+    asyncio.run(produce_all(worker.settings.broker_url, messages, rate_per_s=rate))
+    _Poll([worker]).until(expected_total, timeout_s)
+    text = worker.scrape() or ""
+    busy = (cpu_seconds(worker.pid) - cpu_before) / (time.monotonic() - started)
+    fired = gauge(text, "persona_timers_fired_total") - fired_before
+    out: dict[str, Any] = {
+        f"{prefix}latency_cpu_cores": round(busy, 2),
+        f"{prefix}timers_per_event": round(fired / max(len(messages), 1), 2),
+    }
+    for stage, stage_prefix in REPORTED_STAGES.items():
+        after = latency_buckets(text, stage)
+        diff = {le: after.get(le, 0.0) - before[stage].get(le, 0.0) for le in after}
+        for name, q in (("p50", 0.5), ("p99", 0.99)):
+            seconds = histogram_quantile(q, diff)
+            ms = None if seconds is None else round(seconds * 1000, 1)
+            out[f"{prefix}{stage_prefix}{name}_ms"] = ms
+    return out
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:
@@ -767,13 +819,20 @@ def format_report(result: dict[str, Any]) -> str:
             f"{result['scale_ratio']:.2f} x one worker, "
             f"{result.get('two_worker_redelivered', 0)} re-delivered"
         )
-    p50, p99 = result.get("p50_ms"), result.get("p99_ms")
     lines += [
         f"  latency produce → Redis at {result['latency_rate_per_s']:,.0f} events/s (half the "
-        f"engine's rate, {result['latency_events']} events): p50 {_ms(p50)}, p99 {_ms(p99)} "
-        f"({_cores(result.get('latency_cpu_cores'))}); of which before the batch starts "
+        f"engine's rate; the same {result['latency_events']:,} events to a fresh worker, "
+        f"{result.get('timers_per_event', 0):.2f} due timers fired per event): "
+        f"p50 {_ms(result.get('p50_ms'))}, p99 {_ms(result.get('p99_ms'))} "
+        f"({_cores(result.get('latency_cpu_cores'))}); before the batch starts "
         f"(produce → received): p50 {_ms(result.get('received_p50_ms'))}, "
         f"p99 {_ms(result.get('received_p99_ms'))}",
+        f"  the {result.get('later_events', 0):,} events that follow, same rate, same worker as "
+        f"the engine run ({result.get('later_timers_per_event', 0):.2f} due timers per event): "
+        f"p50 {_ms(result.get('later_p50_ms'))}, p99 {_ms(result.get('later_p99_ms'))} "
+        f"({_cores(result.get('later_latency_cpu_cores'))}); before the batch starts: "
+        f"p50 {_ms(result.get('later_received_p50_ms'))}, "
+        f"p99 {_ms(result.get('later_received_p99_ms'))}",
         f"  memory ({result.get('store', 'memory://')} store): "
         f"{result['rss_mb_per_100k_profiles']:.0f} MiB RSS per 100k profiles "
         f"({result['rss_start_mb']:.0f} → {result['rss_end_mb']:.0f} MiB for "
@@ -785,7 +844,8 @@ def format_report(result: dict[str, Any]) -> str:
             else ""
         )
         + f"; {result.get('held_events_at_halfway') or 0:,} events held for event-time order "
-        "at halfway",
+        "at halfway; in the paced run (input produced live, nothing read ahead): "
+        f"{_mib(result.get('paced_rss_mb_per_100k_profiles'))} per 100k profiles",
         "",
         "how: the input is produced once; each contender reads it under its own consumer group, "
         "alone on the machine.",
@@ -798,9 +858,11 @@ def format_report(result: dict[str, Any]) -> str:
         "  one Redis pipeline per batch; no changelog, no trigger/training sends, no metrics "
         "(the engine does all of those).",
         '  latency: difference of the worker\'s persona_latency_seconds{stage="redis_written"} '
-        "histogram over the paced run,",
-        "  from the Kafka produce timestamp, interpolated linearly inside buckets (bounds 50, 100, "
-        "150, 200, 250, 300, 400, 500 ms, ...).",
+        "histogram over a paced run, from the Kafka produce timestamp,",
+        "  interpolated linearly inside buckets (bounds 50, 100, 150, 200, 250, 300, 400, 500 ms, "
+        "...). The target is read on the same events as the engine run, produced again",
+        "  to their own topics at half its rate: the events that follow cost more each (the "
+        "simulator's compressed time brings weeks of label horizons due in seconds).",
         "  memory: worker VmRSS after the run minus right after start-up, over the profiles in "
         "Redis; includes Faust buffers, not only profiles;",
         "  the second-half figure leaves start-up growth out: RSS growth from the halfway count "

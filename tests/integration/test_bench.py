@@ -73,6 +73,9 @@ def test_bench_reports_every_number_and_leaves_no_process(
     assert result["p99_ms"] >= result["p50_ms"]
     # Taken into a batch comes before written to Redis, event by event: so do the quantiles.
     assert 0 < result["received_p99_ms"] <= result["p99_ms"]
+    assert 0 < result["later_received_p99_ms"] <= result["later_p99_ms"]
+    assert result["latency_events"] == 5000 and result["later_events"] > 0
+    assert result["paced_rss_mb_per_100k_profiles"] > 0
     assert 0 < result["profiles"] <= 1000
     assert result["machine"]["nproc"] >= 1 and result["machine"]["cpu_model"]
     report = format_report(result)
