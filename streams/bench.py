@@ -727,6 +727,7 @@ def run_bench(
         same = _routed(paced_settings, ShopperSimulator(users, seed).raw_messages(), n)
         with _engine_workers(paced_settings, 1) as (worker,):
             assert worker.pid is not None
+            worker.wait_ready()  # else the first events wait for the group to form
             paced_rss_start = rss_kib(worker.pid)
             profiler = (
                 _Profiler(worker.pid, _latency_profile(profile_path)) if profile_path else None

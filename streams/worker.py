@@ -16,10 +16,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+
+import orjson
 
 from connectors.embedded import spawn, stop_process_group
 from connectors.kafka import create_topics
@@ -167,6 +170,29 @@ class WorkerProcess:
                 return response.read().decode()
         except OSError:
             return None
+
+    def readiness(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """The worker's /readyz body (``ready``, ``partitions_assigned``, ``redis``), or None
+        while it is not serving."""
+        url = f"http://{self.settings.web_host}:{self.settings.web_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return orjson.loads(response.read())
+        except urllib.error.HTTPError as error:  # 503 while not ready: the body says why
+            return orjson.loads(error.read())
+        except OSError:
+            return None
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until the worker has partitions assigned and Redis answers (``/readyz``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise RuntimeError(f"worker exited early; last log lines:\n{self.log_tail()}")
+            if (self.readiness() or {}).get("ready"):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
     def wait_serving(self, timeout: float = 60.0) -> None:
         """Wait until the worker's web port answers; raise with the log's tail if it died."""

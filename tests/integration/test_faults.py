@@ -22,8 +22,6 @@ import contextlib
 import dataclasses
 import socket
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -369,17 +367,6 @@ def test_worker_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
     assert_same_triggers(abandoned_carts(settings), reference, sim_log.timing_exempt)
 
 
-def ready(worker: WorkerProcess) -> dict[str, Any] | None:
-    url = f"http://{worker.settings.web_host}:{worker.settings.web_port}/readyz"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return orjson.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return orjson.loads(error.read())
-    except OSError:
-        return None
-
-
 def test_group_member_killed_survivor_takes_over_its_partitions(
     broker: EmbeddedBroker,
     redis_server: EmbeddedRedis,
@@ -408,7 +395,7 @@ def test_group_member_killed_survivor_takes_over_its_partitions(
         victim.wait_serving()
 
         def shared() -> bool:
-            states = [ready(survivor), ready(victim)]
+            states = [survivor.readiness(), victim.readiness()]
             return all(s and s["ready"] for s in states)
 
         wait_until(shared, timeout=60, interval=0.3, what="both group members with partitions")
@@ -419,7 +406,7 @@ def test_group_member_killed_survivor_takes_over_its_partitions(
 
         got = wait_for_profiles(settings.redis_url, sim_log.expected(), [survivor, victim])
         assert sum(t.events for t in got.values()) == total
-        assert ready(survivor) is not None and survivor.running, survivor.log_tail()
+        assert survivor.readiness() is not None and survivor.running, survivor.log_tail()
         finish_event_time(settings, [survivor], sim_log.end_time)
     assert_same_triggers(abandoned_carts(settings), reference, sim_log.timing_exempt)
 
