@@ -97,6 +97,9 @@ worker's CPU at 10 per second); the end of a 30 s run is known to ±0.125 s."""
 PARTITION_FIELD = "partition"  # as streams.app writes it into each profile
 REDIS_DB = {"ceiling": 1, "engine": 2, "engine2": 3, "paced": 4}
 """One Redis database per contender, so none overwrites another's profiles."""
+PROFILE_WRITES = "persona_profile_writes_total"
+"""Profiles scored and written to Redis: per event, 1 when no two events of a user share a batch,
+less the more they do (a prefilled topic read in batches of 1,000 coalesces most)."""
 RESULT_KEYS = (
     "events", "workers", "engine_events_per_s", "ceiling_events_per_s", "ratio",
     "faust_count_events_per_s", "p50_ms", "p99_ms", "rss_mb_per_100k_profiles",
@@ -688,6 +691,8 @@ def run_bench(
                 recorded = profiler.stop() if profiler else None
             rss_end = rss_kib(worker.pid)
             profiles = asyncio.run(_count_profiles(engine_settings.redis_url))
+            writes = gauge(worker.scrape() or "", PROFILE_WRITES)
+            result["engine_profile_writes_per_event"] = round(writes / n, 2)
             result["store"] = engine_settings.store
             # Only meaningful when the second half adds many profiles (users >> events per user):
             # otherwise it divides the growth of existing profiles by a handful of new ones.
@@ -769,15 +774,18 @@ def _paced(
     text = worker.scrape() or ""
     before = {stage: latency_buckets(text, stage) for stage in REPORTED_STAGES}
     fired_before = gauge(text, "persona_timers_fired_total")
+    writes_before = gauge(text, PROFILE_WRITES)
     cpu_before, started = cpu_seconds(worker.pid), time.monotonic()
     asyncio.run(produce_all(worker.settings.broker_url, messages, rate_per_s=rate))
     _Poll([worker]).until(expected_total, timeout_s)
     text = worker.scrape() or ""
     busy = (cpu_seconds(worker.pid) - cpu_before) / (time.monotonic() - started)
     fired = gauge(text, "persona_timers_fired_total") - fired_before
+    writes = gauge(text, PROFILE_WRITES) - writes_before
     out: dict[str, Any] = {
         f"{prefix}latency_cpu_cores": round(busy, 2),
         f"{prefix}timers_per_event": round(fired / max(len(messages), 1), 2),
+        f"{prefix}profile_writes_per_event": round(writes / max(len(messages), 1), 2),
     }
     for stage, stage_prefix in REPORTED_STAGES.items():
         after = latency_buckets(text, stage)
@@ -806,7 +814,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"events/s  ({_cores(result.get('ceiling_cpu_cores'))})",
         f"  engine  (persona worker, 1 process)      {result['engine_events_per_s']:>10,.0f} "
         f"events/s  ({_cores(result.get('engine_cpu_cores'))}; broker "
-        f"{_cores(result.get('broker_cpu_cores'))}, Redis {_cores(result.get('redis_cpu_cores'))})"
+        f"{_cores(result.get('broker_cpu_cores'))}, Redis {_cores(result.get('redis_cpu_cores'))}; "
+        f"{result.get('engine_profile_writes_per_event', 0):.2f} profile writes per event)"
         f"  ratio {result['ratio']:.2f}",
         f"  faust count (take_events(1000) only)     {result['faust_count_events_per_s']:>10,.0f} "
         f"events/s  ({_cores(result.get('faust_count_cpu_cores'))})",
@@ -823,13 +832,15 @@ def format_report(result: dict[str, Any]) -> str:
     lines += [
         f"  latency produce → Redis at {result['latency_rate_per_s']:,.0f} events/s (half the "
         f"engine's rate; the same {result['latency_events']:,} events to a fresh worker, "
-        f"{result.get('timers_per_event', 0):.2f} due timers fired per event): "
+        f"{result.get('timers_per_event', 0):.2f} due timers fired and "
+        f"{result.get('profile_writes_per_event', 0):.2f} profile writes per event): "
         f"p50 {_ms(result.get('p50_ms'))}, p99 {_ms(result.get('p99_ms'))} "
         f"({_cores(result.get('latency_cpu_cores'))}); before the batch starts "
         f"(produce → received): p50 {_ms(result.get('received_p50_ms'))}, "
         f"p99 {_ms(result.get('received_p99_ms'))}",
         f"  the {result.get('later_events', 0):,} events that follow, same rate, same worker as "
-        f"the engine run ({result.get('later_timers_per_event', 0):.2f} due timers per event): "
+        f"the engine run ({result.get('later_timers_per_event', 0):.2f} due timers fired and "
+        f"{result.get('later_profile_writes_per_event', 0):.2f} profile writes per event): "
         f"p50 {_ms(result.get('later_p50_ms'))}, p99 {_ms(result.get('later_p99_ms'))} "
         f"({_cores(result.get('later_latency_cpu_cores'))}); before the batch starts: "
         f"p50 {_ms(result.get('later_received_p50_ms'))}, "
@@ -864,6 +875,8 @@ def format_report(result: dict[str, Any]) -> str:
         "...). The target is read on the same events as the engine run, produced again",
         "  to their own topics at half its rate: the events that follow cost more each (the "
         "simulator's compressed time brings weeks of label horizons due in seconds).",
+        "  profile writes per event: profiles scored and written to the table and Redis (timers "
+        "included); below 1 where a batch holds several events of one user.",
         "  memory: worker VmRSS after the run minus right after start-up, over the profiles in "
         "Redis; includes Faust buffers, not only profiles;",
         "  the second-half figure leaves start-up growth out: RSS growth from the halfway count "

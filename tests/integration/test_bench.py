@@ -76,6 +76,8 @@ def test_bench_reports_every_number_and_leaves_no_process(
     assert 0 < result["later_received_p99_ms"] <= result["later_p99_ms"]
     assert result["latency_events"] == 5000 and result["later_events"] > 0
     assert result["paced_rss_mb_per_100k_profiles"] > 0
+    # Every event changes a profile; several events of one user in one batch are written once.
+    assert 0 < result["engine_profile_writes_per_event"] <= result["profile_writes_per_event"]
     assert 0 < result["profiles"] <= 1000
     assert result["machine"]["nproc"] >= 1 and result["machine"]["cpu_model"]
     report = format_report(result)
