@@ -118,6 +118,8 @@ class Throughput:
     """CPU time of the contender's process over the window, in cores (1.0 = one core busy)."""
     others_cores: dict[str, float] = field(default_factory=dict)
     """CPU of the other processes watched over the same window (broker, Redis), in cores."""
+    profile_writes_per_event: float | None = None
+    """Profiles scored and written per event (see :data:`PROFILE_WRITES`), where counted."""
 
 
 # -- the machine and the processes ----------------------------------------------------------
@@ -362,6 +364,7 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
     timers = TimerIndex()
     segment_counts: dict[int, Counter[str]] = {}
     seen: set[int] = set()
+    writes = 0
     # The reorder buffer's work per event (heap push and pop) without its cross-batch hold: on
     # prefilled topics aiokafka hands out one partition's whole fetch at a time, so a hold until
     # every topic is caught up would release the entire log in one final batch.
@@ -377,6 +380,8 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
         old: dict[str, str | None],
         outputs: Outputs,
     ) -> None:
+        nonlocal writes
+        writes += len(changed)
         now_of = {u: now_for(p, clocks.watermark(partition_of[u])) for u, p in changed.items()}
         outputs.extend(engine.score(changed, now_of))
         for user_id, profile in changed.items():
@@ -468,7 +473,9 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
         cpu = time.process_time() - first[2]
         if span <= 0:
             return Throughput(0.0, 0.0)
-        return Throughput((done - first[1]) / span, span, cpu / span)
+        return Throughput(
+            (done - first[1]) / span, span, cpu / span, profile_writes_per_event=writes / done
+        )
     finally:
         await consumer.stop()
         await cache.close()
@@ -648,6 +655,7 @@ def run_bench(
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             ceiling = runner.run(_ceiling(ceiling_settings, n, timeout_s))
         result["ceiling_events_per_s"] = round(ceiling.events_per_s, 1)
+        result["ceiling_profile_writes_per_event"] = _round(ceiling.profile_writes_per_event)
         result["ceiling_cpu_cores"] = _round(ceiling.cpu_cores)
 
         # 2. Faust alone
@@ -811,7 +819,8 @@ def format_report(result: dict[str, Any]) -> str:
         "producer, this process and the worker(s): these are numbers of this box, not of Kafka",
         "",
         f"  ceiling (aiokafka + same per-batch work) {result['ceiling_events_per_s']:>10,.0f} "
-        f"events/s  ({_cores(result.get('ceiling_cpu_cores'))})",
+        f"events/s  ({_cores(result.get('ceiling_cpu_cores'))}; "
+        f"{result.get('ceiling_profile_writes_per_event') or 0:.2f} profile writes per event)",
         f"  engine  (persona worker, 1 process)      {result['engine_events_per_s']:>10,.0f} "
         f"events/s  ({_cores(result.get('engine_cpu_cores'))}; broker "
         f"{_cores(result.get('broker_cpu_cores'))}, Redis {_cores(result.get('redis_cpu_cores'))}; "
