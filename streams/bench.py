@@ -617,8 +617,9 @@ def run_bench(
     """Run every contender over the first ``events`` simulated messages; the result dict.
 
     ``profile_path``: record the one-worker engine run with py-spy (raw format) to that file.
-    ``latency_s``: about how long the half-rate latency run lasts (never longer than the
-    max-rate run took, never under 5 s).
+    ``latency_s``: about how long the run of the events that follow lasts (never longer than
+    the max-rate run took, never under 5 s); the latency target's run replays all ``events``
+    at half the rate, so it takes about twice the max-rate run.
     """
     if workers not in (1, 2):
         raise ValueError("workers must be 1 or 2")
@@ -777,7 +778,7 @@ def _paced(
 ) -> dict[str, Any]:
     """Produce ``messages`` at ``rate`` per second while ``worker`` reads them, until it counted
     ``expected_total``: p50/p99 of each reported stage over that run (from the difference of its
-    histograms), the worker's CPU, and the due timers it fired per event."""
+    histograms), the worker's CPU, and the due timers it fired and profiles it wrote per event."""
     assert worker.pid is not None
     text = worker.scrape() or ""
     before = {stage: latency_buckets(text, stage) for stage in REPORTED_STAGES}
