@@ -707,9 +707,7 @@ def run_bench(
             # otherwise it divides the growth of existing profiles by a handful of new ones.
             added = profiles - halfway.get("profiles", profiles)
             result["rss_mb_per_100k_profiles_second_half"] = (
-                round((rss_end - halfway["rss"]) / 1024 / added * 100_000, 1)
-                if added >= profiles / 4
-                else None
+                mib_per_100k(rss_end - halfway["rss"], added) if added >= profiles / 4 else None
             )
             result["engine_events_per_s"] = round(engine.events_per_s, 1)
             result["engine_cpu_cores"] = _round(engine.cpu_cores)
@@ -720,9 +718,7 @@ def run_bench(
             result["held_events_at_halfway"] = halfway.get("held")
             result["rss_start_mb"] = round(rss_start / 1024, 1)
             result["rss_end_mb"] = round(rss_end / 1024, 1)
-            result["rss_mb_per_100k_profiles"] = round(
-                (rss_end - rss_start) / 1024 / max(profiles, 1) * 100_000, 1
-            )
+            result["rss_mb_per_100k_profiles"] = mib_per_100k(rss_end - rss_start, profiles)
             if recorded is not None:
                 result["profile"] = str(recorded)
 
@@ -753,9 +749,8 @@ def run_bench(
             if recorded is not None:
                 result["latency_profile"] = str(recorded)
             paced_profiles = asyncio.run(_count_profiles(paced_settings.redis_url))
-            result["paced_rss_mb_per_100k_profiles"] = round(
-                (rss_kib(worker.pid) - paced_rss_start) / 1024 / max(paced_profiles, 1) * 100_000,
-                1,
+            result["paced_rss_mb_per_100k_profiles"] = mib_per_100k(
+                rss_kib(worker.pid) - paced_rss_start, paced_profiles
             )
         result["latency_rate_per_s"] = round(rate, 1)
         result["latency_events"] = n
@@ -766,6 +761,15 @@ def run_bench(
             result["two_worker_events_per_s"] / result["engine_events_per_s"], 3
         )
     return result
+
+
+def mib_per_100k(grown_kib: int, profiles: int) -> float:
+    """Resident memory growth in MiB per 100k profiles (over at least one profile).
+
+    >>> mib_per_100k(20_480, 50_000), mib_per_100k(1024, 0)
+    (40.0, 100000.0)
+    """
+    return round(grown_kib / 1024 / max(profiles, 1) * 100_000, 1)
 
 
 def _paced(

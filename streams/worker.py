@@ -160,8 +160,12 @@ class WorkerProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def url(self, path: str) -> str:
+        """The worker's web address of ``path`` (e.g. ``/readyz``)."""
+        return f"http://{self.settings.web_host}:{self.settings.web_port}{path}"
+
     def metrics_url(self) -> str:
-        return f"http://{self.settings.web_host}:{self.settings.web_port}/metrics"
+        return self.url("/metrics")
 
     def scrape(self, timeout: float = 2.0) -> str | None:
         """The worker's /metrics text, or None while it is not serving."""
@@ -174,9 +178,8 @@ class WorkerProcess:
     def readiness(self, timeout: float = 2.0) -> dict[str, Any] | None:
         """The worker's /readyz body (``ready``, ``partitions_assigned``, ``redis``), or None
         while it is not serving."""
-        url = f"http://{self.settings.web_host}:{self.settings.web_port}/readyz"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            with urllib.request.urlopen(self.url("/readyz"), timeout=timeout) as response:
                 return orjson.loads(response.read())
         except urllib.error.HTTPError as error:  # 503 while not ready: the body says why
             return orjson.loads(error.read())

@@ -44,9 +44,8 @@ def sample(worker: WorkerProcess, name: str, **labels: str) -> float:
 
 
 def get(worker: WorkerProcess, path: str) -> tuple[int, Any]:
-    url = f"http://{worker.settings.web_host}:{worker.settings.web_port}{path}"
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(worker.url(path), timeout=5) as response:
             return response.status, orjson.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, orjson.loads(error.read())
