@@ -42,6 +42,7 @@ import faust
 import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition as KafkaTopicPartition
+from aiokafka.errors import IllegalStateError
 from faust.streams import _current_event
 from faust.types import TP, EventT
 
@@ -268,6 +269,11 @@ def create_app(settings: Settings) -> Persona:
     topics["identity_links"] = app.topic(
         links_name, partitions=settings.partitions, internal=True, **raw
     )
+    # Every topic whose offsets must not pass an event not applied: the inputs, the identity
+    # links this worker stitches, and the training examples its trainers learn.
+    guarded = frozenset(
+        {*settings.input_topics.values(), links_name, settings.topics["training_examples"]}
+    )
     persona = Persona(
         app,
         settings,
@@ -282,7 +288,7 @@ def create_app(settings: Settings) -> Persona:
             live=settings.live_clock,
         ),
         ordering=ReorderBuffer(settings.input_topics.values(), max_held=settings.reorder_max_held),
-        offsets=OffsetGuard(frozenset({*settings.input_topics.values(), links_name})),
+        offsets=OffsetGuard(guarded),
         trainer_state=trainer_state,
     )
     persona.offsets.install(app.consumer)
@@ -320,6 +326,7 @@ def create_app(settings: Settings) -> Persona:
         value = orjson.dumps({"wall": time.time()})
         for partition in owned:
             await topics["ticks"].send(value=value, partition=partition)
+        await watch_fetch_positions(persona)
         metrics.set_consumer_lag(consumer_lag(persona))
         since = time.monotonic() - persona.trainers_checkpointed_at
         if persona.trainer_dirty and since >= settings.checkpoint_every_s:
@@ -476,6 +483,9 @@ async def train_batch(persona: Persona, events: list[EventT]) -> None:
     async with persona.trainer_lock:
         settings, engine, metrics = persona.settings, persona.engine, persona.metrics
         secret = settings.snapshot_secret.encode()
+        events = admitted(persona, events)
+        if persona.offsets.seeking:
+            await _repair_gaps(persona)
         items = [(e.message.partition, e.message.offset, orjson.loads(e.value)) for e in events]
         event_of_partition = {e.message.partition: e for e in events}
         for name, group in group_by_model(items).items():
@@ -546,6 +556,29 @@ async def _checkpoint_trainers(persona: Persona) -> None:
         event.ack()
 
 
+def admitted(persona: Persona, events: list[EventT]) -> list[EventT]:
+    """The events of guarded partitions the offset guard lets through, in order.
+
+    One after a gap is held: it keeps a reference on its message (never acknowledged, so never
+    committed) and comes again once the consumer reads the gap. One applied already is left to
+    be acknowledged with the batch.
+    """
+    guard = persona.offsets
+    through = []
+    for event in events:
+        message = event.message
+        tp = message.tp
+        if tp.topic in guard.topics:
+            verdict = guard.admit(tp, message.offset, _committed(persona, tp))
+            if verdict == HOLD:
+                message.incref()
+                continue
+            if verdict == DONE:
+                continue
+        through.append(event)
+    return through
+
+
 def _committed(persona: Persona, tp: TP) -> int | None:
     committed: int | None = persona.app.consumer._committed_offset.get(tp)
     return committed  # Faust has no public accessor
@@ -569,6 +602,35 @@ async def _repair_gaps(persona: Persona) -> None:
         first_offset_from,
         on_seek=lambda tp, offset: persona.metrics.offset_gaps.inc(),
     )
+
+
+async def watch_fetch_positions(persona: Persona) -> None:
+    """Read again what the consumer fetched on a guarded partition and never delivered.
+
+    Asked only for partitions behind their high watermark, and only between batches: a batch
+    under way (or one waiting for Redis) holds messages that are on their way to the guard.
+    """
+    if persona.batch_lock.locked() or persona.trainer_lock.locked():
+        return
+    consumer, guard = persona.app.consumer, persona.offsets
+    for tp in consumer.assignment():
+        if tp.topic not in guard.topics:
+            continue
+        committed = _committed(persona, tp)
+        position = guard.position(tp, committed)
+        highwater = _highwater(persona, tp.topic, tp.partition)
+        if position is None or highwater is None or highwater <= position:
+            guard.behind.pop(tp, None)
+            continue
+        try:
+            fetched = await asyncio.wait_for(consumer.position(tp), timeout=2.0)
+        except (TimeoutError, IllegalStateError):
+            continue  # not assigned any more, or no position yet: nothing was fetched
+        if fetched is not None:
+            guard.watch_fetched(tp, fetched, committed, time.monotonic())
+    if guard.seeking:
+        async with persona.batch_lock:
+            await _repair_gaps(persona)
 
 
 def _highwater(persona: Persona, topic: str, partition: int) -> int | None:
@@ -757,10 +819,9 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
     links_topic = persona.topics["identity_links"].get_topic_name()
     records: list[Record] = []
     identity = IdentityWork()
-    event_of_partition: dict[int, EventT] = {}
-    for e in events:
+    event_of_partition = {e.message.partition: e for e in events}
+    for e in admitted(persona, events):
         message = e.message
-        event_of_partition[message.partition] = e
         if message.topic == ticks_topic:
             tick = orjson.loads(e.value)
             if "event_time" in tick:
@@ -768,13 +829,6 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
             else:
                 clocks.tick(message.partition, wall_now)
         else:
-            tp = message.tp
-            verdict = persona.offsets.admit(tp, message.offset, _committed(persona, tp))
-            if verdict == HOLD:
-                message.incref()  # after a gap: read again, never acknowledged here
-                continue
-            if verdict == DONE:
-                continue  # applied already; acknowledged with the batch
             record = Record(message.topic, message.partition, message.offset, e.key, e.value, e)
             if message.topic == links_topic:
                 identity.add(record)

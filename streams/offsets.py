@@ -16,8 +16,10 @@ After a restart or a takeover each of these committed offsets that no worker had
 crash then lost those events for good. For the guarded topics this module replaces that rule: a
 commit advances only through acknowledged offsets in order, starting at the committed offset
 (or the log start); Faust keeps no read offset for them (every delivered message reaches the
-guard); a jump in delivered offsets is read again (:meth:`OffsetGuard.admit` asks for a seek);
-only a hole the broker itself confirms (transaction markers, retention) is passed.
+guard); a jump in delivered offsets is read again (:meth:`OffsetGuard.admit` asks for a seek),
+and so are offsets the consumer fetched that never reached the guard
+(:meth:`OffsetGuard.watch_fetched`: a gap at the end of a partition, with no later message to
+reveal it); only a hole the broker itself confirms (transaction markers, retention) is passed.
 
 >>> guard = OffsetGuard(frozenset({"clicks"}))
 >>> tp = ("clicks", 0)
@@ -29,6 +31,12 @@ only a hole the broker itself confirms (transaction markers, retention) is passe
 [(('clicks', 0), 7)]
 >>> guard.admit(tp, 6, committed=5)  # applied already: acknowledge, do not apply again
 'done'
+>>> guard.admit(tp, 7, committed=5), guard.admit(tp, 8, committed=5)
+('apply', 'apply')
+>>> guard.watch_fetched(tp, fetched=12, committed=5, now=0.0)  # 9..11 fetched, none delivered
+>>> guard.watch_fetched(tp, fetched=12, committed=5, now=6.0)  # still not, 6 s on: read again
+>>> guard.seeks_due(now=6.0)
+[(('clicks', 0), 9)]
 >>> commit_offset([5, 6, 9], head=5)  # acknowledged 5, 6 and 9: commit up to 7 only
 (7, 2)
 >>> commit_offset([6, 7], head=5)  # 5 not acknowledged yet: nothing to commit
@@ -102,6 +110,8 @@ class OffsetGuard:
     log_start: dict[Hashable, int] = field(default_factory=dict)
     holes: dict[Hashable, list[tuple[int, int]]] = field(default_factory=dict)
     seeking: dict[Hashable, _Seek] = field(default_factory=dict)
+    behind: dict[Hashable, tuple[int, float]] = field(default_factory=dict)
+    """Partitions whose consumer fetched past the guard's position: (position, since when)."""
 
     def admit(self, tp: Hashable, offset: int, committed: int | None) -> str:
         """:data:`APPLY`, :data:`HOLD` or :data:`DONE` for the message at ``offset``.
@@ -131,6 +141,27 @@ class OffsetGuard:
                 due.append((tp, pending.offset))
         return due
 
+    def watch_fetched(self, tp: Hashable, fetched: int, committed: int | None, now: float) -> None:
+        """Notice offsets the consumer fetched that never reached the guard.
+
+        ``fetched`` is the consumer's fetch position on ``tp``. A gap is noticed when a later
+        message arrives; a gap at the end of a partition has none after it. Faust drops the
+        rest of a fetch when its flow stops (the start-up recovery, a rebalance), after the
+        consumer's position moved past it: with no later message those offsets were never
+        read, and the partition never counted as caught up. A position that stays behind
+        ``fetched`` for :data:`SEEK_RETRY_S` is read again from there.
+        """
+        position = self.position(tp, committed)
+        if position is None or fetched <= position or tp in self.seeking:
+            self.behind.pop(tp, None)
+            return
+        since = self.behind.get(tp)
+        if since is None or since[0] != position:
+            self.behind[tp] = (position, now)
+        elif now - since[1] >= SEEK_RETRY_S:
+            self.seeking[tp] = _Seek(position)
+            del self.behind[tp]
+
     def confirm_hole(self, tp: Hashable, start: int, end: int) -> None:
         """The broker holds no message in ``[start, end)``: commits and admission pass it."""
         holes = self.holes.setdefault(tp, [])
@@ -138,12 +169,15 @@ class OffsetGuard:
         self.seeking.pop(tp, None)
 
     def position(self, tp: Hashable, committed: int | None) -> int | None:
-        """The next offset this worker will apply on ``tp``."""
-        return self.next_offset.get(tp, committed)
+        """The next offset this worker will apply on ``tp``: after the last one admitted, else
+        the committed offset, else the log start (None while none of them is known)."""
+        if tp in self.next_offset:
+            return self.next_offset[tp]
+        return committed if committed is not None else self.log_start.get(tp)
 
     def forget(self, tp: Hashable) -> None:
         """``tp`` moved to another worker: its state is rebuilt from Kafka if it comes back."""
-        for state in (self.next_offset, self.log_start, self.holes, self.seeking):
+        for state in (self.next_offset, self.log_start, self.holes, self.seeking, self.behind):
             state.pop(tp, None)
 
     def install(self, consumer: Any) -> None:
@@ -207,14 +241,17 @@ async def repair_gaps(
 
     ``first_offset_from(tp, offset)`` asks the broker for the first offset it holds at or after
     ``offset`` (None when none): an answer past ``offset`` proves the hole is in the log.
+
+    The seek is ``seek_wait``, not Faust's ``seek``: Faust runs the Kafka client in a thread of
+    its own, and ``seek`` changes that client's fetch state from the calling thread.
     """
     for tp, offset in guard.seeks_due(time.monotonic()):
         first = await first_offset_from(tp, offset)
         if first is not None and first > offset:
             log.info("offsets %d..%d of %s hold no message: passing them", offset, first - 1, tp)
             guard.confirm_hole(tp, offset, first)
-            await consumer.seek(tp, first)
+            await consumer.seek_wait({tp: first})
             continue
         log.warning("offsets skipped on %s from %d: reading them again", tp, offset)
         on_seek(tp, offset)
-        await consumer.seek(tp, offset)
+        await consumer.seek_wait({tp: offset})

@@ -40,9 +40,17 @@ _ids = itertools.count()
 
 
 def wait_until(
-    predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.2, what: str
+    predicate: Callable[[], Any],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.2,
+    what: str,
+    detail: Callable[[], str] | None = None,
 ) -> Any:
-    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` after ``timeout``.
+
+    ``detail()``, asked only on failure, adds what the system was doing (counters, positions).
+    """
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -50,7 +58,8 @@ def wait_until(
         if last:
             return last
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})")
+    more = f"; {detail()}" if detail is not None else ""
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r}{more})")
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,25 @@ def sample(worker: WorkerProcess, name: str, **labels: str) -> float:
     return total
 
 
+def progress(worker: WorkerProcess) -> str:
+    """What a worker has done so far, for a failure message."""
+    names = (
+        "persona_events_total",
+        "persona_batch_events_count",
+        "persona_offset_gaps_total",
+        "persona_consumer_lag",
+        "persona_ordering_held_events",
+    )
+    lagging = [
+        f"{s.labels['topic']}[{s.labels['partition']}] {s.value:g}"
+        for family in text_string_to_metric_families(worker.scrape() or "")
+        for s in family.samples
+        if s.name == "persona_consumer_lag" and s.value
+    ]
+    counts = ", ".join(f"{name} {sample(worker, name):g}" for name in names)
+    return f"worker: {counts}; lagging partitions: {', '.join(lagging) or 'none'}"
+
+
 def get(worker: WorkerProcess, path: str) -> tuple[int, Any]:
     try:
         with urllib.request.urlopen(worker.url(path), timeout=5) as response:
@@ -188,7 +207,13 @@ def test_trainer_killed_mid_stream_resumes_without_losing_or_doubling_examples(
             steady = len(looks) >= 2 and looks[-2] == looks[-1]
             return bool(produced) and produced == learned and steady
 
-        wait_until(settled, timeout=180, interval=2.0, what="trainers caught up with the topic")
+        wait_until(
+            settled,
+            timeout=180,
+            interval=2.0,
+            what="trainers caught up with the topic",
+            detail=lambda: f"examples produced, learned: {looks[-1]}; {progress(restarted)}",
+        )
     finally:
         restarted.stop()
     produced = examples_in_topic(settings)

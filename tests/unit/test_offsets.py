@@ -122,8 +122,8 @@ def test_a_hole_the_broker_confirms_is_passed() -> None:
     seeks: list[tuple[TP, int]] = []
 
     class Consumer:
-        async def seek(self, tp: TP, offset: int) -> None:
-            seeks.append((tp, offset))
+        async def seek_wait(self, partitions: dict[TP, int]) -> None:
+            seeks.extend(partitions.items())
 
     async def broker_first_offset(tp: TP, offset: int) -> int | None:
         return {11: 13, 20: 20}.get(offset)  # 11..12 are transaction markers, 20 exists
@@ -139,3 +139,27 @@ def test_a_hole_the_broker_confirms_is_passed() -> None:
     assert seeks[-1] == (CLICKS, 15)
     guard.forget(CLICKS)
     assert guard.position(CLICKS, committed=7) == 7 and CLICKS not in guard.holes
+
+
+def test_offsets_fetched_but_never_delivered_are_read_again() -> None:
+    """A gap at the end of a partition: no later message reveals it, the fetch position does."""
+    guard = OffsetGuard(frozenset({"clicks"}))
+    guard.log_start[CLICKS] = 0
+    guard.watch_fetched(CLICKS, fetched=50, committed=None, now=100.0)  # nothing delivered yet
+    guard.watch_fetched(CLICKS, fetched=50, committed=None, now=102.0)
+    assert not guard.seeking  # they may still be on their way
+    guard.watch_fetched(CLICKS, fetched=50, committed=None, now=105.0)
+    assert guard.seeks_due(now=105.0) == [(CLICKS, 0)]
+
+
+def test_a_partition_that_moves_or_is_caught_up_is_not_read_again() -> None:
+    guard = OffsetGuard(frozenset({"clicks"}))
+    guard.admit(CLICKS, 10, committed=10)
+    guard.watch_fetched(CLICKS, fetched=40, committed=10, now=100.0)
+    guard.admit(CLICKS, 11, committed=10)  # progress: the clock starts again
+    guard.watch_fetched(CLICKS, fetched=40, committed=10, now=104.0)
+    guard.watch_fetched(CLICKS, fetched=40, committed=10, now=108.0)
+    assert not guard.seeking
+    guard.watch_fetched(CLICKS, fetched=12, committed=10, now=200.0)  # caught up
+    guard.watch_fetched(CLICKS, fetched=12, committed=10, now=300.0)
+    assert not guard.seeking and CLICKS not in guard.behind
