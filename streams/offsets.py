@@ -116,9 +116,11 @@ class OffsetGuard:
     def admit(self, tp: Hashable, offset: int, committed: int | None) -> str:
         """:data:`APPLY`, :data:`HOLD` or :data:`DONE` for the message at ``offset``.
 
-        ``committed`` is the group's committed offset, the first offset due after an assignment.
+        ``committed`` is the group's committed offset, the first offset due after an assignment
+        (the log start when nothing was committed: Faust can drop a first fetch, see
+        :meth:`watch_fetched`, and the first message delivered is then not the first due).
         """
-        expected = self.next_offset.get(tp, committed)
+        expected = self.position(tp, committed)
         while (hole := _hole_at(self.holes.get(tp, ()), expected or 0)) is not None:
             expected = hole[1]
         if expected is None or offset == expected:

@@ -163,3 +163,11 @@ def test_a_partition_that_moves_or_is_caught_up_is_not_read_again() -> None:
     guard.watch_fetched(CLICKS, fetched=12, committed=10, now=200.0)  # caught up
     guard.watch_fetched(CLICKS, fetched=12, committed=10, now=300.0)
     assert not guard.seeking and CLICKS not in guard.behind
+
+
+def test_with_nothing_committed_the_first_offset_due_is_the_log_start() -> None:
+    guard = OffsetGuard(frozenset({"clicks"}))
+    guard.log_start[CLICKS] = 3
+    assert guard.admit(CLICKS, 9, committed=None) == HOLD  # 3..8 dropped on the way
+    assert guard.seeks_due(now=0.0) == [(CLICKS, 3)]
+    assert guard.admit(CLICKS, 3, committed=None) == APPLY
