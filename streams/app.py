@@ -44,6 +44,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.errors import IllegalStateError
 from faust.streams import _current_event
+from faust.transport.drivers.aiokafka import ensure_aiokafka_TP
 from faust.types import TP, EventT
 
 from connectors.kafka import (
@@ -336,10 +337,14 @@ def create_app(settings: Settings) -> Persona:
 
     @app.on_partitions_assigned.connect
     async def guard_offsets(app: faust.App, assigned: set[Any], **kwargs: Any) -> None:
-        """Commits of input partitions start at the log start when nothing was committed."""
+        """Where guarded partitions start: the committed offset, else the log start."""
         guarded = [tp for tp in assigned if tp.topic in persona.offsets.topics]
         if guarded:
             persona.offsets.log_start.update(await app.consumer.earliest_offsets(*guarded))
+            committed = await committed_offsets(app.consumer, guarded)
+            persona.offsets.committed_at_assignment.update(
+                (tp, offset) for tp, offset in committed.items() if offset is not None
+            )
 
     @app.task
     async def timers_between_batches() -> None:
@@ -577,6 +582,19 @@ def admitted(persona: Persona, events: list[EventT]) -> list[EventT]:
                 continue
         through.append(event)
     return through
+
+
+async def committed_offsets(consumer: Any, partitions: list[TP]) -> dict[TP, int | None]:
+    """The group's committed offsets of ``partitions`` (None: nothing committed), asked on the
+    thread Faust runs its Kafka client in."""
+    thread = consumer._thread  # Faust has no public accessor
+    client = thread._ensure_consumer()
+
+    async def fetch() -> dict[TP, int | None]:
+        return {tp: await client.committed(ensure_aiokafka_TP(tp)) for tp in partitions}
+
+    result: dict[TP, int | None] = await thread.call_thread(fetch)
+    return result
 
 
 def _committed(persona: Persona, tp: TP) -> int | None:

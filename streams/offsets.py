@@ -108,6 +108,9 @@ class OffsetGuard:
     next_offset: dict[Hashable, int] = field(default_factory=dict)
     """One past the last offset admitted, per partition."""
     log_start: dict[Hashable, int] = field(default_factory=dict)
+    committed_at_assignment: dict[Hashable, int] = field(default_factory=dict)
+    """The group's committed offsets, read when the partition was assigned: Faust learns them
+    only when its start-up recovery seeks, and a first fetch can be delivered before that."""
     holes: dict[Hashable, list[tuple[int, int]]] = field(default_factory=dict)
     seeking: dict[Hashable, _Seek] = field(default_factory=dict)
     behind: dict[Hashable, tuple[int, float]] = field(default_factory=dict)
@@ -116,9 +119,10 @@ class OffsetGuard:
     def admit(self, tp: Hashable, offset: int, committed: int | None) -> str:
         """:data:`APPLY`, :data:`HOLD` or :data:`DONE` for the message at ``offset``.
 
-        ``committed`` is the group's committed offset, the first offset due after an assignment
-        (the log start when nothing was committed: Faust can drop a first fetch, see
-        :meth:`watch_fetched`, and the first message delivered is then not the first due).
+        ``committed`` is the group's committed offset as Faust knows it (None: not yet, or
+        nothing committed). The first offset due after an assignment is the committed offset,
+        else the log start: Faust can drop a first fetch (see :meth:`watch_fetched`), and the
+        first message delivered is then not the first due.
         """
         expected = self.position(tp, committed)
         while (hole := _hole_at(self.holes.get(tp, ()), expected or 0)) is not None:
@@ -175,11 +179,20 @@ class OffsetGuard:
         the committed offset, else the log start (None while none of them is known)."""
         if tp in self.next_offset:
             return self.next_offset[tp]
-        return committed if committed is not None else self.log_start.get(tp)
+        if committed is not None:
+            return committed
+        return self.committed_at_assignment.get(tp, self.log_start.get(tp))
 
     def forget(self, tp: Hashable) -> None:
         """``tp`` moved to another worker: its state is rebuilt from Kafka if it comes back."""
-        for state in (self.next_offset, self.log_start, self.holes, self.seeking, self.behind):
+        for state in (
+            self.next_offset,
+            self.log_start,
+            self.committed_at_assignment,
+            self.holes,
+            self.seeking,
+            self.behind,
+        ):
             state.pop(tp, None)
 
     def install(self, consumer: Any) -> None:
@@ -194,6 +207,8 @@ class OffsetGuard:
                 return original_new_offset(tp)
             acked = consumer._acked[tp]
             committed = consumer._committed_offset[tp]
+            if committed is None:
+                committed = self.committed_at_assignment.get(tp)
             head = committed if committed is not None else self.log_start.get(tp)
             if not acked or head is None:
                 return None

@@ -171,3 +171,14 @@ def test_with_nothing_committed_the_first_offset_due_is_the_log_start() -> None:
     assert guard.admit(CLICKS, 9, committed=None) == HOLD  # 3..8 dropped on the way
     assert guard.seeks_due(now=0.0) == [(CLICKS, 3)]
     assert guard.admit(CLICKS, 3, committed=None) == APPLY
+
+
+def test_the_committed_offset_read_at_assignment_comes_before_faust_knows_it() -> None:
+    """Faust learns committed offsets when its recovery seeks, after a first fetch may arrive."""
+    guard = OffsetGuard(frozenset({"clicks"}))
+    guard.log_start[CLICKS] = 0
+    guard.committed_at_assignment[CLICKS] = 50
+    assert guard.admit(CLICKS, 50, committed=None) == APPLY  # not read again from 0
+    assert guard.admit(CLICKS, 49, committed=None) == DONE
+    assert guard.admit(CLICKS, 53, committed=None) == HOLD
+    assert guard.seeks_due(now=0.0) == [(CLICKS, 51)]
