@@ -176,7 +176,8 @@ class OffsetGuard:
 
     def position(self, tp: Hashable, committed: int | None) -> int | None:
         """The next offset this worker will apply on ``tp``: after the last one admitted, else
-        the committed offset, else the log start (None while none of them is known)."""
+        the committed offset (Faust's, else the one read at assignment), else the log start
+        (None while none of them is known)."""
         if tp in self.next_offset:
             return self.next_offset[tp]
         if committed is not None:
