@@ -488,9 +488,7 @@ async def train_batch(persona: Persona, events: list[EventT]) -> None:
     async with persona.trainer_lock:
         settings, engine, metrics = persona.settings, persona.engine, persona.metrics
         secret = settings.snapshot_secret.encode()
-        events = admitted(persona, events)
-        if persona.offsets.seeking:
-            await _repair_gaps(persona)
+        events = await admitted(persona, events)
         items = [(e.message.partition, e.message.offset, orjson.loads(e.value)) for e in events]
         event_of_partition = {e.message.partition: e for e in events}
         for name, group in group_by_model(items).items():
@@ -561,12 +559,12 @@ async def _checkpoint_trainers(persona: Persona) -> None:
         event.ack()
 
 
-def admitted(persona: Persona, events: list[EventT]) -> list[EventT]:
+async def admitted(persona: Persona, events: list[EventT]) -> list[EventT]:
     """The events of guarded partitions the offset guard lets through, in order.
 
     One after a gap is held: it keeps a reference on its message (never acknowledged, so never
-    committed) and comes again once the consumer reads the gap. One applied already is left to
-    be acknowledged with the batch.
+    committed) and comes again once the consumer reads the gap, which is sought here. One
+    applied already is left to be acknowledged with the batch.
     """
     guard = persona.offsets
     through = []
@@ -581,6 +579,8 @@ def admitted(persona: Persona, events: list[EventT]) -> list[EventT]:
             if verdict == DONE:
                 continue
         through.append(event)
+    if guard.seeking:
+        await _repair_gaps(persona)
     return through
 
 
@@ -838,7 +838,7 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
     records: list[Record] = []
     identity = IdentityWork()
     event_of_partition = {e.message.partition: e for e in events}
-    for e in admitted(persona, events):
+    for e in await admitted(persona, events):
         message = e.message
         if message.topic == ticks_topic:
             tick = orjson.loads(e.value)
@@ -853,8 +853,6 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
             else:
                 records.append(record)
     metrics.observe_latency("received", [r.source.message.timestamp for r in records])
-    if persona.offsets.seeking:
-        await _repair_gaps(persona)
 
     for partition in event_of_partition:
         if not persona.timers.has(partition):

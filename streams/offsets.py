@@ -176,10 +176,14 @@ class OffsetGuard:
 
     def position(self, tp: Hashable, committed: int | None) -> int | None:
         """The next offset this worker will apply on ``tp``: after the last one admitted, else
-        the committed offset (Faust's, else the one read at assignment), else the log start
-        (None while none of them is known)."""
+        where ``tp`` starts (:meth:`start`)."""
         if tp in self.next_offset:
             return self.next_offset[tp]
+        return self.start(tp, committed)
+
+    def start(self, tp: Hashable, committed: int | None) -> int | None:
+        """Where ``tp`` starts after an assignment: the committed offset (Faust's, else the one
+        read at assignment), else the log start (None while none of them is known)."""
         if committed is not None:
             return committed
         return self.committed_at_assignment.get(tp, self.log_start.get(tp))
@@ -207,10 +211,7 @@ class OffsetGuard:
             if tp.topic not in self.topics:
                 return original_new_offset(tp)
             acked = consumer._acked[tp]
-            committed = consumer._committed_offset[tp]
-            if committed is None:
-                committed = self.committed_at_assignment.get(tp)
-            head = committed if committed is not None else self.log_start.get(tp)
+            head = self.start(tp, consumer._committed_offset[tp])
             if not acked or head is None:
                 return None
             acked.sort()
