@@ -62,7 +62,6 @@ from models.config import load_config
 from models.events import Event
 from models.snapshots import SnapshotSignatureError, verify_and_load
 from streams.api import add_routes
-from streams.batching import take_lingering
 from streams.clock import PartitionClocks, TimerIndex
 from streams.drain import install_batch_drain
 from streams.engine import (
@@ -90,6 +89,7 @@ from streams.identity import (
     run_unlinks,
 )
 from streams.ingest import BatchResult, Record, apply_events, parse_records
+from streams.intake import Intake
 from streams.metrics import Metrics
 from streams.offsets import DONE, HOLD, OffsetGuard, repair_gaps
 from streams.ordering import ReorderBuffer
@@ -296,18 +296,21 @@ def create_app(settings: Settings) -> Persona:
     _limit_fetch_wait(app.consumer, settings.fetch_max_wait_ms)
     if settings.batch_drain:
         install_batch_drain(app.consumer)
-
-    inputs = app.topic(
-        *settings.input_topics.values(),
-        ticks_name,
-        links_name,
-        partitions=settings.partitions,
-        **raw,
+    input_names = (*settings.input_topics.values(), ticks_name, links_name)
+    intake = Intake(
+        input_names,
+        max_events=settings.batch_size,
+        linger_s=settings.batch_within_s,
+        flow_control=app.flow_control,
+        create_event=app.create_event,
     )
+    intake.install(app.consumer)
 
-    @app.agent(inputs, name="ingest")
+    @app.agent(app.topic(*input_names, partitions=settings.partitions, **raw), name="ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
-        async for events in take_lingering(stream, settings.batch_size, settings.batch_within_s):
+        # The agent subscribes to the inputs, so the group assigns their partitions; their
+        # events come in batches from the intake, never through the stream.
+        async for events in intake.batches():
             await _or_crash(app, process_batch(persona, events))
 
     @app.agent(topics["training_examples"], name="trainer")
