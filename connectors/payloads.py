@@ -43,7 +43,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "abandoned_cart_payload",
     "hot_lead_payload",
-        "offer_payload",
+    "offer_payload",
     "profile_summary",
     "pseudonymize",
     "segment_change_payload",
@@ -55,8 +55,6 @@ SCHEMA_VERSION = 1
 
 _DAY = 86400.0
 _HOUR = 3600.0
-
-
 
 
 def _iso_or_none(ts: float | None) -> str | None:

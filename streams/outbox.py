@@ -18,10 +18,12 @@ work per message:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
+
+from connectors.partitioner import partitions_for_keys
 
 
 @dataclass
@@ -81,16 +83,13 @@ async def send_batched(
 
     aiokafka's per-message ``send`` creates a future per message and appends it to a batch
     anyway; building the batches here skips that. ``partition`` None: by key, with the default
-    partitioner (murmur2), as ``send`` would choose.
+    partitioner (murmur2), as ``send`` would choose (for the whole batch at once).
     """
-    partitioner = DefaultPartitioner()
-    partitions_of: dict[str, list[int]] = {}  # one metadata lookup per topic, not per message
+    by_key = await _partitions_by_key(producer, messages)
     by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
-    for topic, key, value, partition in messages:
+    for i, (topic, key, value, partition) in enumerate(messages):
         if partition is None:
-            if topic not in partitions_of:
-                partitions_of[topic] = sorted(await producer.partitions_for(topic))
-            partition = partitioner(key, partitions_of[topic], partitions_of[topic])
+            partition = by_key[i]
         by_partition.setdefault((topic, partition), []).append((key, value))
     sent: list[tuple[str, int, int, Any]] = []
     for (topic, partition), records in by_partition.items():
@@ -111,3 +110,25 @@ async def send_batched(
         offset = metadata.offset + count - 1
         last[(topic, partition)] = max(last.get((topic, partition), -1), offset)
     return last
+
+
+async def _partitions_by_key(
+    producer: Any, messages: list[tuple[str, bytes | None, bytes | None, int | None]]
+) -> dict[int, int]:
+    """The default partitioner's choice for each message (by index) sent without a partition:
+    murmur2 of the key for a whole topic at once; a random available partition without a key."""
+    keyed: dict[str, list[int]] = {}  # topic -> indexes of its keyed messages
+    chosen: dict[int, int] = {}
+    for i, (topic, key, _, partition) in enumerate(messages):
+        if partition is not None:
+            continue
+        if key is None:
+            available = sorted(await producer.partitions_for(topic))
+            chosen[i] = DefaultPartitioner()(None, available, available)
+        else:
+            keyed.setdefault(topic, []).append(i)
+    for topic, indexes in keyed.items():
+        count = len(await producer.partitions_for(topic))  # one metadata lookup per topic
+        keys = [cast(bytes, messages[i][1]) for i in indexes]
+        chosen.update(zip(indexes, partitions_for_keys(keys, count), strict=True))
+    return chosen

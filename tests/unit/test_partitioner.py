@@ -1,0 +1,35 @@
+"""The batch partitioner agrees with aiokafka's (Kafka's) default partitioner on every key."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as kafka_murmur2
+
+from connectors.partitioner import murmur2, partitions_for_keys
+
+
+def random_keys(seed: int, count: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(rng.randrange(0, 81)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_murmur2_equals_kafkas_for_keys_of_every_length(seed: int) -> None:
+    keys = random_keys(seed, 2000)
+    assert {len(k) % 4 for k in keys} == {0, 1, 2, 3}
+    assert murmur2(keys).tolist() == [kafka_murmur2(k) for k in keys]
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 8, 100])
+def test_partitions_equal_the_default_partitioners(partitions: int) -> None:
+    keys = random_keys(partitions, 1000) + [f"u{i:05d}".encode() for i in range(1000)]
+    everyone = list(range(partitions))
+    want = [DefaultPartitioner()(k, everyone, everyone) for k in keys]
+    assert partitions_for_keys(keys, partitions) == want
+
+
+def test_no_keys_no_partitions() -> None:
+    assert partitions_for_keys([], 8) == []
