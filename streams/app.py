@@ -302,7 +302,9 @@ def create_app(settings: Settings) -> Persona:
         max_events=settings.batch_size,
         linger_s=settings.batch_within_s,
         flow_control=app.flow_control,
-        create_event=app.create_event,
+        # app.create_event without its settings lookup per event (Faust's conf is a registry).
+        create_event=partial(app.conf.Event, app),
+        generation=lambda: app.consumer_generation_id,
     )
     intake.install(app.consumer)
 

@@ -14,8 +14,9 @@ What Faust's path guaranteed is kept:
 - **acknowledgement**: every event holds one reference on its message (as the conductor's
   delivery does) until its batch is done, so the committed offset never passes a record
   before its batch has been processed; a batch whose consumer raised is not acknowledged;
-- **rebalances**: while flow control is suspended nothing is taken in, and the batch being
-  filled is dropped when it resumes (Faust clears its queues then too): after a rebalance the
+- **rebalances**: while flow control is suspended nothing is taken in nor handed over, and the
+  batch being filled is dropped when it resumes (Faust clears its queues then too); a record
+  of an older consumer generation is dropped as Faust's stream drops it: after a rebalance the
   consumer reads again from the committed offsets;
 - **back-pressure**: at most ``max_events`` wait; the fetch loop waits for room, as it waits on
   a full channel queue;
@@ -74,6 +75,7 @@ class Intake:
         linger_s: float,
         flow_control: FlowControlEvent,
         create_event: Callable[[Any, Any, Any, Any], Any],
+        generation: Callable[[], int] | None = None,
         track: Callable[[Any], None] | None = None,
     ) -> None:
         if max_events < 1 or linger_s <= 0:
@@ -83,6 +85,9 @@ class Intake:
         self.linger_s = linger_s
         self._flow_control = flow_control
         self._create_event = create_event
+        self._generation = generation
+        """The consumer's generation now (messages read before a rebalance carry an older one);
+        None: no generation check (messages not read by a Faust consumer have none)."""
         self.track = track
         """Faust's record of messages in flight (set by :meth:`install`)."""
         self._events: list[Any] = []
@@ -96,7 +101,9 @@ class Intake:
     def install(self, consumer: Any) -> None:
         """Route the records of this intake's topics from Faust's ``consumer`` to :meth:`put`;
         the rest still go to Faust's conductor (before the consumer starts)."""
-        self.track = consumer.track_message
+        # What Faust's stream does for each message it takes (its sensors' ``on_message_in`` is
+        # a no-op in Persona's QuietMonitor): record it as in flight until acknowledged.
+        self.track = consumer._unacked_messages.add
         to_conductor = consumer.callback
         topics, put, room = self.topics, self.put, self.room
 
@@ -115,8 +122,8 @@ class Intake:
     def put(self, message: Any) -> bool:
         """Take ``message`` in (the fetch loop's call); False when the buffer is full after it,
         and the caller waits for :meth:`room` before the next one."""
-        if not self._flow_control.is_active():
-            return True  # a rebalance is under way: the record is read again after it
+        if not self._flow_control.is_active() or self._stale(message):
+            return True  # a rebalance is under way or was: the record is read again after it
         message.incref()
         if self.track is not None:
             self.track(message)
@@ -143,6 +150,9 @@ class Intake:
         self._full.clear()
         self._room.set()
 
+    def _stale(self, message: Any) -> bool:
+        return self._generation is not None and message.generation_id != self._generation()
+
     async def batches(self) -> AsyncIterator[list[Any]]:
         """Batches in arrival order; each batch's events are acknowledged when the consumer
         asks for the next one (not if it raised)."""
@@ -157,10 +167,18 @@ class Intake:
             if remaining > 0 and not self._full.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), remaining)
+            if not self._flow_control.is_active():
+                # A rebalance: nothing goes until it ends, and the resume clears the buffer.
+                await self._flow_control.acquire()
+                continue
             batch = self._events
             if not batch:
                 continue  # cleared by a rebalance while it lingered
             self.clear()
+            if self._stale(batch[0].message):  # generations only grow: the first is oldest
+                batch = [e for e in batch if not self._stale(e.message)]
+                if not batch:
+                    continue
             yield batch
             for event in batch:
                 event.ack()

@@ -245,8 +245,6 @@ def test_numeric_null_is_dropped() -> None:
     assert event["properties"] == {"product_id": "p-1"}
 
 
-
-
 # --- rejections ---------------------------------------------------------------------------------
 
 

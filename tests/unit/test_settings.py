@@ -66,6 +66,7 @@ def test_kafka_security_settings_reach_the_clients_and_faust() -> None:
     assert options["security_protocol"] == "SASL_SSL"
     assert options["sasl_mechanism"] == "SCRAM-SHA-512"
     assert isinstance(options["ssl_context"], ssl.SSLContext)
+
     async def construct() -> str:
         producer = AIOKafkaProducer(bootstrap_servers="kafka:9093", **options)  # not started
         return producer.client._security_protocol
