@@ -20,7 +20,7 @@ compete for the two cores with each other:
 4. **engine**: one ``persona worker`` child process, everything on (table + changelog, Redis,
    triggers, trainer, metrics), started after the topics were filled; progress read from its
    ``/metrics`` every 0.25 s. Its resident memory (``VmRSS``) right after start-up and after the
-   run gives the memory per profile.
+   run is reported too (start-up growth and the reorder hold dominate it at 10k users).
 5. **later events**: the same worker, idle again, gets the next events of the simulator on the
    same topics, paced at half its measured rate (:func:`~connectors.kafka.produce_all`
    ``rate_per_s``); p50/p99 from the difference of its ``persona_latency_seconds`` histogram
@@ -31,6 +31,9 @@ compete for the two cores with each other:
    topics (prefix ``bench-paced-``) at half the engine's rate while a fresh worker reads them:
    the workload whose maximum rate was measured, at half of it. Its memory per profile has no
    read-ahead in it (the input arrives as it is produced).
+7. **memory**: a fresh worker reads ``memory_events`` messages of ``memory_users`` other
+   simulated users (prefix ``bench-memory-``): the RSS growth over its second half per 100k
+   profiles added then, the figure of ``rss_mb_per_100k_profiles`` (:func:`_memory_run`).
 
 Throughput has one definition for every contender: events counted after the end of the first
 batch, divided by the time from the end of the first batch to the end of the last (the start of
@@ -91,11 +94,17 @@ from streams.worker import WorkerProcess, ensure_topics, tune_gc
 TOPIC_PREFIX = "bench-"
 PACED_TOPIC_PREFIX = "bench-paced-"
 """The latency run's own copy of the input, produced at its pace while a fresh worker reads."""
+MEMORY_TOPIC_PREFIX = "bench-memory-"
+"""The memory run's input: many users, few events each."""
+MEMORY_REORDER_MAX_HELD = 2000
+"""The memory run's bound on events held for event-time order per partition: on prefilled
+topics the hold grows with how far one topic is read ahead of another (about 4 KB an event,
+a peak the allocator keeps), which is read-ahead, not profile memory."""
 POLL_S = 0.25
 """How often the engine's /metrics is read: each read renders every series (a few % of the
 worker's CPU at 10 per second); the end of a 30 s run is known to ±0.125 s."""
 PARTITION_FIELD = "partition"  # as streams.app writes it into each profile
-REDIS_DB = {"ceiling": 1, "engine": 2, "engine2": 3, "paced": 4}
+REDIS_DB = {"ceiling": 1, "engine": 2, "engine2": 3, "paced": 4, "memory": 5}
 """One Redis database per contender, so none overwrites another's profiles."""
 PROFILE_WRITES = "persona_profile_writes_total"
 """Profiles scored and written to Redis: per event, 1 when no two events of a user share a batch,
@@ -315,6 +324,7 @@ def _settings(
     run: str,
     partitions: int,
     topic_prefix: str = TOPIC_PREFIX,
+    **overrides: Any,
 ) -> Settings:
     run_dir = data_dir / run
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +343,7 @@ def _settings(
         heartbeat_s=0.5,
         live_clock=False,
         log_level="warning",
+        **overrides,
     )
     asyncio.run(ensure_topics(settings))
     return settings
@@ -613,8 +624,14 @@ def run_bench(
     data_dir: Path | None = None,
     profile_path: Path | None = None,
     latency_s: float = 20.0,
+    memory_events: int = 200_000,
+    memory_users: int = 200_000,
 ) -> dict[str, Any]:
     """Run every contender over the first ``events`` simulated messages; the result dict.
+
+    Memory per profile is measured apart: a fresh worker reads ``memory_events`` messages of
+    ``memory_users`` simulated users (many profiles, few events each), and the figure is its
+    RSS growth over the second half per 100k profiles added then (see :func:`_memory_run`).
 
     ``profile_path``: record the one-worker engine run with py-spy (raw format) to that file.
     ``latency_s``: about how long the run of the events that follow lasts (never longer than
@@ -623,8 +640,8 @@ def run_bench(
     """
     if workers not in (1, 2):
         raise ValueError("workers must be 1 or 2")
-    if events <= 0:
-        raise ValueError("events must be positive")
+    if events <= 0 or memory_events <= 0:
+        raise ValueError("events and memory_events must be positive")
     data_dir = Path(data_dir or tempfile.mkdtemp(prefix="persona-bench-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     timeout_s = 120.0 + events / 100.0
@@ -683,18 +700,10 @@ def run_bench(
         with _engine_workers(engine_settings, 1) as (worker,):
             assert worker.pid is not None
             rss_start = rss_kib(worker.pid)
-            halfway: dict[str, int] = {}
-
-            def at_halfway() -> None:
-                assert worker.pid is not None
-                halfway["rss"] = rss_kib(worker.pid)
-                # Events held back for event-time order: their memory stays with the process.
-                halfway["held"] = gauge(worker.scrape() or "", "persona_ordering_held_events")
-                halfway["profiles"] = asyncio.run(_count_profiles(engine_settings.redis_url))
-
+            halfway = _Halfway(worker)
             profiler = _Profiler(worker.pid, profile_path) if profile_path else None
             try:
-                poll = _Poll([worker], others=servers_pids, halfway=at_halfway)
+                poll = _Poll([worker], others=servers_pids, halfway=halfway)
                 engine = poll.until(n, timeout_s)
             finally:
                 recorded = profiler.stop() if profiler else None
@@ -703,22 +712,16 @@ def run_bench(
             writes = gauge(worker.scrape() or "", PROFILE_WRITES)
             result["engine_profile_writes_per_event"] = round(writes / n, 2)
             result["store"] = engine_settings.store
-            # Only meaningful when the second half adds many profiles (users >> events per user):
-            # otherwise it divides the growth of existing profiles by a handful of new ones.
-            added = profiles - halfway.get("profiles", profiles)
-            result["rss_mb_per_100k_profiles_second_half"] = (
-                mib_per_100k(rss_end - halfway["rss"], added) if added >= profiles / 4 else None
-            )
             result["engine_events_per_s"] = round(engine.events_per_s, 1)
             result["engine_cpu_cores"] = _round(engine.cpu_cores)
             result["broker_cpu_cores"] = engine.others_cores.get("broker")
             result["redis_cpu_cores"] = engine.others_cores.get("redis")
             result["engine_seconds"] = round(engine.seconds, 2)
             result["profiles"] = profiles
-            result["held_events_at_halfway"] = halfway.get("held")
+            result["held_events_at_halfway"] = halfway.held
             result["rss_start_mb"] = round(rss_start / 1024, 1)
             result["rss_end_mb"] = round(rss_end / 1024, 1)
-            result["rss_mb_per_100k_profiles"] = mib_per_100k(rss_end - rss_start, profiles)
+            result["engine_rss_mb_per_100k_profiles"] = mib_per_100k(rss_end - rss_start, profiles)
             if recorded is not None:
                 result["profile"] = str(recorded)
 
@@ -755,12 +758,80 @@ def run_bench(
         result["latency_rate_per_s"] = round(rate, 1)
         result["latency_events"] = n
 
+        # 7. memory per profile: a fresh worker, many users
+        memory_settings = _settings(
+            broker, redis, data_dir, "memory", partitions,
+            topic_prefix=MEMORY_TOPIC_PREFIX, reorder_max_held=MEMORY_REORDER_MAX_HELD,
+        )  # fmt: skip
+        result.update(_memory_run(memory_settings, memory_events, memory_users, seed, timeout_s))
+
     result["ratio"] = round(result["engine_events_per_s"] / result["ceiling_events_per_s"], 3)
     if workers == 2:
         result["scale_ratio"] = round(
             result["two_worker_events_per_s"] / result["engine_events_per_s"], 3
         )
     return result
+
+
+class _Halfway:
+    """What a worker holds when half the events are counted (:class:`_Poll` calls it once)."""
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+        self.rss_kib: int | None = None
+        self.held: int | None = None
+        self.profiles: int | None = None
+
+    def __call__(self) -> None:
+        assert self.worker.pid is not None
+        self.rss_kib = rss_kib(self.worker.pid)
+        # Events held back for event-time order: their memory stays with the process.
+        self.held = gauge(self.worker.scrape() or "", "persona_ordering_held_events")
+        self.profiles = asyncio.run(_count_profiles(self.worker.settings.redis_url))
+
+
+def _memory_run(
+    settings: Settings, events: int, users: int, seed: int, timeout_s: float
+) -> dict[str, Any]:
+    """Resident memory per profile: a fresh worker reads ``events`` prefilled messages of
+    ``users`` simulated users. The figure is the RSS growth from the moment half the events
+    are counted to the end, over the profiles added meanwhile: start-up growth (models, Faust's
+    buffers, first allocations) is left out, and with many users most second-half events
+    create a profile. The reorder hold is bounded (:data:`MEMORY_REORDER_MAX_HELD`)."""
+    messages = _routed(settings, ShopperSimulator(users, seed + 1).raw_messages(), events)
+    n = len(messages)
+    asyncio.run(produce_all(settings.broker_url, messages))
+    del messages
+    with _engine_workers(settings, 1) as (worker,):
+        assert worker.pid is not None
+        rss_start = rss_kib(worker.pid)
+        halfway = _Halfway(worker)
+        _Poll([worker], halfway=halfway).until(n, timeout_s)
+        rss_end = rss_kib(worker.pid)
+        profiles = asyncio.run(_count_profiles(settings.redis_url))
+    assert halfway.rss_kib is not None and halfway.profiles is not None
+    added = profiles - halfway.profiles
+    if added < profiles / 4:
+        raise BenchError(
+            f"memory run: only {added} of {profiles} profiles were added in its second half; "
+            "raise --memory-users"
+        )
+    per_100k = mib_per_100k(rss_end - halfway.rss_kib, added)
+    return {
+        "memory_events": n,
+        "memory_users": users,
+        "memory_profiles": profiles,
+        "memory_profiles_added_second_half": added,
+        "memory_rss_start_mb": round(rss_start / 1024, 1),
+        "memory_rss_halfway_mb": round(halfway.rss_kib / 1024, 1),
+        "memory_rss_end_mb": round(rss_end / 1024, 1),
+        "memory_held_events_at_halfway": halfway.held,
+        "rss_mb_per_100k_profiles": per_100k,
+        # The worker as it ends the run, plus the same growth per profile up to a million.
+        "rss_mb_at_1m_profiles_projected": round(
+            rss_end / 1024 + per_100k * max(1_000_000 - profiles, 0) / 100_000, 1
+        ),
+    }
 
 
 def mib_per_100k(grown_kib: int, profiles: int) -> float:
@@ -860,17 +931,17 @@ def format_report(result: dict[str, Any]) -> str:
         f"p50 {_ms(result.get('later_received_p50_ms'))}, "
         f"p99 {_ms(result.get('later_received_p99_ms'))}",
         f"  memory ({result.get('store', 'memory://')} store): "
-        f"{result['rss_mb_per_100k_profiles']:.0f} MiB RSS per 100k profiles "
-        f"({result['rss_start_mb']:.0f} → {result['rss_end_mb']:.0f} MiB for "
-        f"{result['profiles']} profiles); second half of the run alone: "
-        f"{_mib(result.get('rss_mb_per_100k_profiles_second_half'))} per 100k new profiles"
-        + (
-            " (n/a: fewer than a quarter of the profiles were new then)"
-            if result.get("rss_mb_per_100k_profiles_second_half") is None
-            else ""
-        )
-        + f"; {result.get('held_events_at_halfway') or 0:,} events held for event-time order "
-        "at halfway; in the paced run (input produced live, nothing read ahead): "
+        f"{result['rss_mb_per_100k_profiles']:,.0f} MiB RSS per 100k profiles (a fresh worker, "
+        f"{result['memory_events']:,} events of {result['memory_users']:,} users: "
+        f"{result['memory_rss_halfway_mb']:,.0f} → {result['memory_rss_end_mb']:,.0f} MiB while "
+        f"{result['memory_profiles_added_second_half']:,} profiles were added, "
+        f"{result['memory_profiles']:,} in all; started at {result['memory_rss_start_mb']:,.0f} "
+        f"MiB); projected at a million profiles: "
+        f"{result['rss_mb_at_1m_profiles_projected']:,.0f} MiB",
+        f"  memory in the runs above (start-up growth included): engine run "
+        f"{result['rss_start_mb']:.0f} → {result['rss_end_mb']:.0f} MiB for "
+        f"{result['profiles']:,} profiles ({result.get('held_events_at_halfway') or 0:,} events "
+        "held for event-time order at halfway); paced run (nothing read ahead): "
         f"{_mib(result.get('paced_rss_mb_per_100k_profiles'))} per 100k profiles",
         "",
         "how: the input is produced once; each contender reads it under its own consumer group, "
@@ -891,13 +962,12 @@ def format_report(result: dict[str, Any]) -> str:
         "simulator's compressed time brings weeks of label horizons due in seconds).",
         "  profile writes per event: profiles scored and written to the table and Redis (timers "
         "included); below 1 where a batch holds several events of one user.",
-        "  memory: worker VmRSS after the run minus right after start-up, over the profiles in "
-        "Redis; includes Faust buffers, not only profiles;",
-        "  the second-half figure leaves start-up growth out: RSS growth from the halfway count "
-        "to the end over the profiles added meanwhile. Events held back for event-time order "
-        "(a prefilled",
-        "  topic read far ahead of another) take about 4 KB each; the allocator keeps that peak "
-        "after they are applied.",
+        "  memory: worker VmRSS growth from the moment half the memory run's events are counted "
+        "to its end, over the profiles added meanwhile (start-up growth left out);",
+        f"  its reorder hold is bounded ({MEMORY_REORDER_MAX_HELD} events per partition): events "
+        "held back for event-time order (a prefilled topic read far ahead of another) take",
+        "  about 4 KB each and the allocator keeps that peak. The projection adds the same growth "
+        "per profile to the worker's end RSS up to a million profiles.",
     ]
     return "\n".join(lines)
 

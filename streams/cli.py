@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, choices=(1, 2), default=1)
     bench.add_argument("--partitions", type=_positive_int, default=4)
     bench.add_argument(
+        "--memory-events",
+        type=_positive_int,
+        default=200_000,
+        help="events of the memory run (a fresh worker, many users)",
+    )
+    bench.add_argument("--memory-users", type=_positive_int, default=200_000)
+    bench.add_argument(
         "--profile",
         type=Path,
         help="py-spy raw profile of the engine worker (its paced run: <name>-latency<suffix>)",
@@ -270,6 +277,8 @@ def _bench(args: argparse.Namespace) -> int:
         workers=args.workers,
         partitions=args.partitions,
         profile_path=args.profile,
+        memory_events=args.memory_events,
+        memory_users=args.memory_users,
     )
     print(format_report(result))
     if args.json:

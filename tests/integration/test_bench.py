@@ -57,7 +57,10 @@ def test_bench_reports_every_number_and_leaves_no_process(
     monkeypatch.setenv(TAG, marker)  # inherited by the broker, Redis, workers, the count app
     children_before = set(children_of(os.getpid()))
 
-    result = run_bench(5000, users=1000, seed=7, workers=2, partitions=4, data_dir=tmp_path)
+    result = run_bench(
+        5000, users=1000, seed=7, workers=2, partitions=4, data_dir=tmp_path,
+        memory_events=20_000, memory_users=20_000,
+    )  # fmt: skip
 
     for key in (*RESULT_KEYS, "two_worker_events_per_s", "scale_ratio", "machine"):
         assert key in result, key
@@ -65,8 +68,7 @@ def test_bench_reports_every_number_and_leaves_no_process(
     assert result["workers"] == 2
     for key in (
         "engine_events_per_s", "ceiling_events_per_s", "ratio", "faust_count_events_per_s",
-        "p50_ms", "p99_ms", "rss_mb_per_100k_profiles", "two_worker_events_per_s",
-        "scale_ratio",
+        "p50_ms", "p99_ms", "two_worker_events_per_s", "scale_ratio",
     ):  # fmt: skip
         value = result[key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
@@ -76,6 +78,17 @@ def test_bench_reports_every_number_and_leaves_no_process(
     assert 0 < result["later_received_p99_ms"] <= result["later_p99_ms"]
     assert result["latency_events"] == 5000 and result["later_events"] > 0
     assert result["paced_rss_mb_per_100k_profiles"] > 0
+    # The memory run: its second half added many of its profiles, and the projection starts
+    # from where the worker ended.
+    assert result["memory_events"] == 20_000
+    added, profiles = result["memory_profiles_added_second_half"], result["memory_profiles"]
+    assert profiles / 4 <= added < profiles <= 20_000
+    # Growth over a few thousand small profiles may round to anything near nothing: only its
+    # arithmetic is checked here.
+    per_100k, end = result["rss_mb_per_100k_profiles"], result["memory_rss_end_mb"]
+    assert end > 0 and math.isfinite(per_100k)
+    projected = end + per_100k * (1_000_000 - profiles) / 100_000
+    assert result["rss_mb_at_1m_profiles_projected"] == pytest.approx(projected, abs=0.1)
     # Every event changes a profile; several events of one user in one batch are written once.
     assert 0 < result["engine_profile_writes_per_event"] <= result["profile_writes_per_event"]
     assert 0 < result["profiles"] <= 1000
