@@ -103,6 +103,7 @@ from streams.training import (
     restore,
     should_publish,
 )
+from streams.worker import MemoryTrimmer
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +325,8 @@ def create_app(settings: Settings) -> Persona:
     async def snapshots_follower() -> None:
         await follow_snapshots(persona)
 
+    trimmer = MemoryTrimmer(settings.malloc_trim_s)
+
     @app.timer(settings.tick_interval_s)
     async def tick_owned_partitions() -> None:
         """Wake every owned partition, so its timers run even when no event arrives."""
@@ -333,6 +336,7 @@ def create_app(settings: Settings) -> Persona:
         for partition in owned:
             await topics["ticks"].send(value=value, partition=partition)
         await watch_fetch_positions(persona)
+        trimmer.maybe_trim(time.monotonic())
         metrics.set_consumer_lag(consumer_lag(persona))
         since = time.monotonic() - persona.trainers_checkpointed_at
         if persona.trainer_dirty and since >= settings.checkpoint_every_s:

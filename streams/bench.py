@@ -32,8 +32,8 @@ compete for the two cores with each other:
    the workload whose maximum rate was measured, at half of it. Its memory per profile has no
    read-ahead in it (the input arrives as it is produced).
 7. **memory**: a fresh worker reads ``memory_events`` messages of ``memory_users`` other
-   simulated users (prefix ``bench-memory-``): the RSS growth over its second half per 100k
-   profiles added then, the figure of ``rss_mb_per_100k_profiles`` (:func:`_memory_run`).
+   simulated users (prefix ``bench-memory-``): its RSS growth per 100k profiles, the figure of
+   ``rss_mb_per_100k_profiles`` (:func:`_memory_run`).
 
 Throughput has one definition for every contender: events counted after the end of the first
 batch, divided by the time from the end of the first batch to the end of the last (the start of
@@ -631,7 +631,7 @@ def run_bench(
 
     Memory per profile is measured apart: a fresh worker reads ``memory_events`` messages of
     ``memory_users`` simulated users (many profiles, few events each), and the figure is its
-    RSS growth over the second half per 100k profiles added then (see :func:`_memory_run`).
+    RSS growth per 100k profiles (see :func:`_memory_run`).
 
     ``profile_path``: record the one-worker engine run with py-spy (raw format) to that file.
     ``latency_s``: about how long the run of the events that follow lasts (never longer than
@@ -774,30 +774,27 @@ def run_bench(
 
 
 class _Halfway:
-    """What a worker holds when half the events are counted (:class:`_Poll` calls it once)."""
+    """Events a worker holds for event-time order when half the events are counted (its
+    :class:`_Poll` calls it once)."""
 
     def __init__(self, worker: WorkerProcess) -> None:
         self.worker = worker
-        self.rss_kib: int | None = None
         self.held: int | None = None
-        self.profiles: int | None = None
 
     def __call__(self) -> None:
-        assert self.worker.pid is not None
-        self.rss_kib = rss_kib(self.worker.pid)
         # Events held back for event-time order: their memory stays with the process.
         self.held = gauge(self.worker.scrape() or "", "persona_ordering_held_events")
-        self.profiles = asyncio.run(_count_profiles(self.worker.settings.redis_url))
 
 
 def _memory_run(
     settings: Settings, events: int, users: int, seed: int, timeout_s: float
 ) -> dict[str, Any]:
     """Resident memory per profile: a fresh worker reads ``events`` prefilled messages of
-    ``users`` simulated users. The figure is the RSS growth from the moment half the events
-    are counted to the end, over the profiles added meanwhile: start-up growth (models, Faust's
-    buffers, first allocations) is left out, and with many users most second-half events
-    create a profile. The reorder hold is bounded (:data:`MEMORY_REORDER_MAX_HELD`)."""
+    ``users`` simulated users; its RSS growth from right after start-up to the end of the run
+    (read once it is idle and its allocator's free memory was trimmed), over the profiles it
+    then holds. The growth includes what the worker allocates whatever the profiles (its start-up
+    growth), so the figure is an upper bound that tightens with more profiles. The reorder hold
+    is bounded (:data:`MEMORY_REORDER_MAX_HELD`)."""
     messages = _routed(settings, ShopperSimulator(users, seed + 1).raw_messages(), events)
     n = len(messages)
     asyncio.run(produce_all(settings.broker_url, messages))
@@ -805,32 +802,24 @@ def _memory_run(
     with _engine_workers(settings, 1) as (worker,):
         assert worker.pid is not None
         rss_start = rss_kib(worker.pid)
-        halfway = _Halfway(worker)
-        _Poll([worker], halfway=halfway).until(n, timeout_s)
+        peak = _Poll([worker]).until(n, timeout_s)
+        rss_peak = rss_kib(worker.pid)
+        _wait_idle(worker.pid)
+        time.sleep(settings.malloc_trim_s + 2 * settings.tick_interval_s)  # a trim since idle
         rss_end = rss_kib(worker.pid)
         profiles = asyncio.run(_count_profiles(settings.redis_url))
-    assert halfway.rss_kib is not None and halfway.profiles is not None
-    added = profiles - halfway.profiles
-    if added < profiles / 4:
-        raise BenchError(
-            f"memory run: only {added} of {profiles} profiles were added in its second half; "
-            "raise --memory-users"
-        )
-    per_100k = mib_per_100k(rss_end - halfway.rss_kib, added)
+    per_100k = mib_per_100k(rss_end - rss_start, profiles)
     return {
         "memory_events": n,
         "memory_users": users,
+        "memory_seconds": round(peak.seconds, 1),
         "memory_profiles": profiles,
-        "memory_profiles_added_second_half": added,
         "memory_rss_start_mb": round(rss_start / 1024, 1),
-        "memory_rss_halfway_mb": round(halfway.rss_kib / 1024, 1),
+        "memory_rss_at_last_event_mb": round(rss_peak / 1024, 1),
         "memory_rss_end_mb": round(rss_end / 1024, 1),
-        "memory_held_events_at_halfway": halfway.held,
         "rss_mb_per_100k_profiles": per_100k,
-        # The worker as it ends the run, plus the same growth per profile up to a million.
-        "rss_mb_at_1m_profiles_projected": round(
-            rss_end / 1024 + per_100k * max(1_000_000 - profiles, 0) / 100_000, 1
-        ),
+        # The worker as it started, plus the same growth per profile for a million of them.
+        "rss_mb_at_1m_profiles_projected": round(rss_start / 1024 + per_100k * 10, 1),
     }
 
 
@@ -933,10 +922,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"  memory ({result.get('store', 'memory://')} store): "
         f"{result['rss_mb_per_100k_profiles']:,.0f} MiB RSS per 100k profiles (a fresh worker, "
         f"{result['memory_events']:,} events of {result['memory_users']:,} users: "
-        f"{result['memory_rss_halfway_mb']:,.0f} → {result['memory_rss_end_mb']:,.0f} MiB while "
-        f"{result['memory_profiles_added_second_half']:,} profiles were added, "
-        f"{result['memory_profiles']:,} in all; started at {result['memory_rss_start_mb']:,.0f} "
-        f"MiB); projected at a million profiles: "
+        f"{result['memory_rss_start_mb']:,.0f} → {result['memory_rss_end_mb']:,.0f} MiB for "
+        f"{result['memory_profiles']:,} profiles, {result['memory_rss_at_last_event_mb']:,.0f} "
+        f"MiB at its last event); projected at a million profiles: "
         f"{result['rss_mb_at_1m_profiles_projected']:,.0f} MiB",
         f"  memory in the runs above (start-up growth included): engine run "
         f"{result['rss_start_mb']:.0f} → {result['rss_end_mb']:.0f} MiB for "
@@ -962,12 +950,11 @@ def format_report(result: dict[str, Any]) -> str:
         "simulator's compressed time brings weeks of label horizons due in seconds).",
         "  profile writes per event: profiles scored and written to the table and Redis (timers "
         "included); below 1 where a batch holds several events of one user.",
-        "  memory: worker VmRSS growth from the moment half the memory run's events are counted "
-        "to its end, over the profiles added meanwhile (start-up growth left out);",
-        f"  its reorder hold is bounded ({MEMORY_REORDER_MAX_HELD} events per partition): events "
-        "held back for event-time order (a prefilled topic read far ahead of another) take",
-        "  about 4 KB each and the allocator keeps that peak. The projection adds the same growth "
-        "per profile to the worker's end RSS up to a million profiles.",
+        "  memory: the memory run's worker VmRSS growth from right after start-up to the end "
+        "(idle, free memory trimmed), over its profiles: start-up growth included, an upper",
+        f"  bound; its reorder hold is bounded ({MEMORY_REORDER_MAX_HELD} events per partition: "
+        "a prefilled topic read far ahead of another fills it, about 4 KB an event).",
+        "  The projection is the start-up RSS plus that growth per profile for a million.",
     ]
     return "\n".join(lines)
 

