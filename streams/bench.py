@@ -763,7 +763,11 @@ def run_bench(
             broker, redis, data_dir, "memory", partitions,
             topic_prefix=MEMORY_TOPIC_PREFIX, reorder_max_held=MEMORY_REORDER_MAX_HELD,
         )  # fmt: skip
-        result.update(_memory_run(memory_settings, memory_events, memory_users, seed, timeout_s))
+        result.update(
+            _memory_run(
+                memory_settings, memory_events, memory_users, seed, 120.0 + memory_events / 100.0
+            )
+        )
 
     result["ratio"] = round(result["engine_events_per_s"] / result["ceiling_events_per_s"], 3)
     if workers == 2:

@@ -95,8 +95,7 @@ class Intake:
         self._started = asyncio.Event()  # an event entered an empty buffer
         self._full = asyncio.Event()
         self._room = asyncio.Event()  # the full buffer was handed over
-        self._clear_on_resume = True  # as Faust's channel queues
-        flow_control.manage_queue(self)  # type: ignore[arg-type]
+        flow_control.manage_queue(self)  # type: ignore[arg-type]  # cleared on resume
 
     def install(self, consumer: Any) -> None:
         """Route the records of this intake's topics from Faust's ``consumer`` to :meth:`put`;
