@@ -21,8 +21,10 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
+import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,12 +52,6 @@ from tests.conftest import engine_settings, wait_until
 
 pytestmark = pytest.mark.integration
 
-LATENESS_S = 6 * 3600.0
-"""The workers' allowed lateness in these tests, and the bound on how far the producer lets one
-topic run ahead of another (see :func:`produce`): at the default 60 s, bounding the skew took a
-flush every minute of simulated time, the log took seconds to produce, and the workers read it
-as fast as it came, so a kill no longer landed mid-stream. Which carts are abandoned does not
-depend on it (the gap rule); the end-of-log ticks fire what it holds back."""
 USERS = 150
 DAYS = 10.0
 SEED = 11
@@ -132,12 +128,7 @@ def settings_for(
     """Fresh app id, topics and consumer group; Redis database ``db`` (emptied) of the server."""
     # Batches of 100: a kill must land between batches of a stream of ~1,750 events; with the
     # default 1,000 (and the batch drain filling them) the whole half went in two batches.
-    overrides: dict[str, Any] = {
-        "live_clock": False,
-        "consent_default": "allow",
-        "batch_size": 100,
-        "allowed_lateness_s": LATENESS_S,
-    }
+    overrides: dict[str, Any] = {"live_clock": False, "consent_default": "allow", "batch_size": 100}
     if db is not None:
         overrides["redis_url"] = redis_server.database_url(db)
     settings = engine_settings(broker, redis_server, data_dir, **overrides)
@@ -148,11 +139,10 @@ def settings_for(
 
 def produce(settings: Settings, messages: list[tuple[str, bytes, bytes]]) -> None:
     """Produce the simulated log so that no topic runs ahead of another by more than the
-    worker's allowed lateness (:data:`LATENESS_S` here). The broker orders nothing across
-    topics, and the simulator packs ten days into a second: unbounded, a worker reading while
-    the log is produced could read one topic hours (of event time) ahead of another, and its
-    triggers would depend on the broker's timing (an order read after its cart's deadline had
-    passed: an abandoned-cart email after all)."""
+    worker's allowed lateness: the simulator packs ten days into a second, and without the
+    bound a consumer could read one topic hours (of event time) ahead of another, as no live
+    source does; triggers would then depend on the broker's timing (an order read after its
+    cart's deadline had passed: an abandoned-cart email after all)."""
     asyncio.run(
         produce_all(
             settings.broker_url,
@@ -161,6 +151,29 @@ def produce(settings: Settings, messages: list[tuple[str, bytes, bytes]]) -> Non
             max_skew_s=settings.allowed_lateness_s,
         )
     )
+
+
+@contextlib.contextmanager
+def producing(settings: Settings, messages: list[tuple[str, bytes, bytes]]) -> Iterator[None]:
+    """:func:`produce` in a thread while the body runs (a kill lands while events still come);
+    waits for it at the end and raises what it raised."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            produce(settings, messages)
+        except BaseException as exc:  # re-raised in the test's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="produce", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(timeout=120)
+    assert not thread.is_alive(), "producing the log took over 120 s"
+    if failure:
+        raise failure[0]
 
 
 def payload_time(value: bytes) -> float:
@@ -380,9 +393,9 @@ def test_worker_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
         first.wait_serving()
         produce(settings, sim_log.to_topics(settings, half))
         wait_for_profiles(settings.redis_url, sim_log.expected(half), [first])
-        produce(settings, sim_log.to_topics(settings, second))
-        kill_mid_stream(first, [first], after=total // 2 + 100, total=total)
-        in_redis = sum(t.events for t in redis_totals(settings.redis_url).values())
+        with producing(settings, sim_log.to_topics(settings, second)):
+            kill_mid_stream(first, [first], after=total // 2 + 100, total=total)
+            in_redis = sum(t.events for t in redis_totals(settings.redis_url).values())
         assert total // 2 < in_redis < total, f"kill not mid-stream: {in_redis} of {total}"
 
         restarted = WorkerProcess(settings, tmp_path / "restarted.log").start()
@@ -430,9 +443,9 @@ def test_group_member_killed_survivor_takes_over_its_partitions(
             return all(s and s["ready"] for s in states)
 
         wait_until(shared, timeout=60, interval=0.3, what="both group members with partitions")
-        produce(settings, sim_log.to_topics(settings))
-        kill_mid_stream(victim, [survivor, victim], after=total // 4, total=total)
-        in_redis = sum(t.events for t in redis_totals(settings.redis_url).values())
+        with producing(settings, sim_log.to_topics(settings)):
+            kill_mid_stream(victim, [survivor, victim], after=total // 4, total=total)
+            in_redis = sum(t.events for t in redis_totals(settings.redis_url).values())
         assert in_redis < total, f"kill not mid-stream: {in_redis} of {total} already in Redis"
 
         got = wait_for_profiles(settings.redis_url, sim_log.expected(), [survivor, victim])
