@@ -13,7 +13,6 @@ pipelines sends and waits for acknowledgements in chunks, not per message.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -165,24 +164,15 @@ async def produce_all(
     chunk: int = 5000,
     on_progress: Callable[[int], None] | None = None,
     rate_per_s: float | None = None,
-    event_time: Callable[[bytes], float] | None = None,
-    max_skew_s: float = 0.0,
 ) -> int:
     """Send every message, in order, acknowledged by the broker; return how many were sent.
 
     With ``rate_per_s`` the sends are paced (the demo's live traffic); without it they go as fast
     as the broker takes them. Order within a partition is kept (one in-flight batch per partition).
-
-    With ``event_time`` (a message value's event time), messages whose event times lie more
-    than ``max_skew_s`` apart are never in flight together: each waits until the ones before it
-    are acknowledged. Across topics the broker makes no promise of order, so a consumer reading
-    several topics while they are produced may otherwise see one topic ahead of another by a
-    whole produce request; a log that packs days into a second (the simulator's) then puts
-    events past the worker's allowed lateness, as no live source would.
     """
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers(broker_url),
-        linger_ms=0 if event_time else 5,
+        linger_ms=5,
         max_batch_size=256 * 1024,
         acks="all",
         enable_idempotence=False,
@@ -193,17 +183,7 @@ async def produce_all(
     started = asyncio.get_running_loop().time()
     try:
         pending: list[asyncio.Future[object]] = []
-        earliest, latest = math.inf, -math.inf  # event times in flight
         for topic, key, value in messages:
-            if event_time is not None:
-                at = event_time(value)
-                if pending and max(latest, at) - min(earliest, at) > max_skew_s:
-                    await asyncio.gather(*pending)
-                    pending.clear()
-                if pending:
-                    earliest, latest = min(earliest, at), max(latest, at)
-                else:
-                    earliest = latest = at
             pending.append(await producer.send(topic, value=value, key=key))
             sent += 1
             if len(pending) >= chunk:

@@ -21,11 +21,8 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
-import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -138,48 +135,7 @@ def settings_for(
 
 
 def produce(settings: Settings, messages: list[tuple[str, bytes, bytes]]) -> None:
-    """Produce the simulated log so that no topic runs ahead of another by more than the
-    worker's allowed lateness: the simulator packs ten days into a second, and without the
-    bound a consumer could read one topic hours (of event time) ahead of another, as no live
-    source does; triggers would then depend on the broker's timing (an order read after its
-    cart's deadline had passed: an abandoned-cart email after all)."""
-    asyncio.run(
-        produce_all(
-            settings.broker_url,
-            messages,
-            event_time=payload_time,
-            max_skew_s=settings.allowed_lateness_s,
-        )
-    )
-
-
-@contextlib.contextmanager
-def producing(settings: Settings, messages: list[tuple[str, bytes, bytes]]) -> Iterator[None]:
-    """:func:`produce` in a thread while the body runs (a kill lands while events still come);
-    waits for it at the end and raises what it raised."""
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            produce(settings, messages)
-        except BaseException as exc:  # re-raised in the test's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="produce", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join(timeout=120)
-    assert not thread.is_alive(), "producing the log took over 120 s"
-    if failure:
-        raise failure[0]
-
-
-def payload_time(value: bytes) -> float:
-    """A Segment payload's event time, epoch seconds."""
-    stamp = orjson.loads(value)["timestamp"]
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    asyncio.run(produce_all(settings.broker_url, messages))
 
 
 def sample(worker: WorkerProcess, name: str, **labels: str) -> float | None:
@@ -393,9 +349,9 @@ def test_worker_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
         first.wait_serving()
         produce(settings, sim_log.to_topics(settings, half))
         wait_for_profiles(settings.redis_url, sim_log.expected(half), [first])
-        with producing(settings, sim_log.to_topics(settings, second)):
-            kill_mid_stream(first, [first], after=total // 2 + 100, total=total)
-            in_redis = sum(t.events for t in redis_totals(settings.redis_url).values())
+        produce(settings, sim_log.to_topics(settings, second))
+        kill_mid_stream(first, [first], after=total // 2 + 100, total=total)
+        in_redis = sum(t.events for t in redis_totals(settings.redis_url).values())
         assert total // 2 < in_redis < total, f"kill not mid-stream: {in_redis} of {total}"
 
         restarted = WorkerProcess(settings, tmp_path / "restarted.log").start()
@@ -443,9 +399,9 @@ def test_group_member_killed_survivor_takes_over_its_partitions(
             return all(s and s["ready"] for s in states)
 
         wait_until(shared, timeout=60, interval=0.3, what="both group members with partitions")
-        with producing(settings, sim_log.to_topics(settings)):
-            kill_mid_stream(victim, [survivor, victim], after=total // 4, total=total)
-            in_redis = sum(t.events for t in redis_totals(settings.redis_url).values())
+        produce(settings, sim_log.to_topics(settings))
+        kill_mid_stream(victim, [survivor, victim], after=total // 4, total=total)
+        in_redis = sum(t.events for t in redis_totals(settings.redis_url).values())
         assert in_redis < total, f"kill not mid-stream: {in_redis} of {total} already in Redis"
 
         got = wait_for_profiles(settings.redis_url, sim_log.expected(), [survivor, victim])
