@@ -131,11 +131,8 @@ def test_recency_empty_when_never_ordered() -> None:
 def test_cart_add_remove_qty_and_value() -> None:
     p = build(
         [
-            ev(
-                PRODUCT_ADDED,
-                T0,
-                {"product_id": "p1", "price": 10.0, "name": "Shoe", "category": "shoes"},
-            ),
+            ev(PRODUCT_ADDED, T0, {"product_id": "p1", "price": 10.0, "name": "Shoe",
+                                   "category": "shoes"}),
             ev(PRODUCT_ADDED, T0 + 1, {"product_id": "p1", "price": 10.0, "quantity": 2}),
             ev(PRODUCT_ADDED, T0 + 2, {"product_id": "p2", "price": 0.1, "quantity": 3}),
         ]
@@ -168,9 +165,8 @@ def test_cart_is_bounded() -> None:
 
 
 def test_checkout_flag() -> None:
-    p = build(
-        [ev(PRODUCT_ADDED, T0, {"product_id": "p1", "price": 5.0}), ev(CHECKOUT_STARTED, T0 + 60)]
-    )
+    p = build([ev(PRODUCT_ADDED, T0, {"product_id": "p1", "price": 5.0}),
+               ev(CHECKOUT_STARTED, T0 + 60)])
     assert p["checkout_started_at"] == T0 + 60
     assert summary(p, now=T0 + 100)["checkout_started"] == "1"
     assert feature_vector(p, now=T0 + 100)["checkout_started"] == 1.0
@@ -215,26 +211,10 @@ def _mixed_events() -> list[Event]:
     ]
 
 
-COUNT_KEYS = (
-    "events",
-    "views",
-    "pages",
-    "orders",
-    "refunds",
-    "email_delivered",
-    "email_opened",
-    "email_clicked",
-    "email_bounced",
-    "offers_viewed",
-    "offers_clicked",
-    "revenue",
-    "first_seen",
-    "last_seen",
-    "first_order_at",
-    "last_order_at",
-    "last_email_open_at",
-    "last_email_click_at",
-)
+COUNT_KEYS = ("events", "views", "pages", "orders", "refunds", "email_delivered",
+              "email_opened", "email_clicked", "email_bounced", "offers_viewed",
+              "offers_clicked", "revenue", "first_seen", "last_seen", "first_order_at",
+              "last_order_at", "last_email_open_at", "last_email_click_at")
 
 
 def test_late_events_do_not_move_time_back_and_order_does_not_matter() -> None:
@@ -327,18 +307,10 @@ def test_consent_none_given_revoked_and_default() -> None:
     apply_event(p, ev(CART_VIEWED, T0 + 5, consent={"advertising": True}))
     assert has_consent(p, "advertising", default=True) is False
     # Same event time, conflicting statements: refusal wins whatever the order.
-    a = build(
-        [
-            ev(CART_VIEWED, T0, consent={"advertising": True}),
-            ev(CART_VIEWED, T0, consent={"advertising": False}),
-        ]
-    )
-    b = build(
-        [
-            ev(CART_VIEWED, T0, consent={"advertising": False}),
-            ev(CART_VIEWED, T0, consent={"advertising": True}),
-        ]
-    )
+    a = build([ev(CART_VIEWED, T0, consent={"advertising": True}),
+               ev(CART_VIEWED, T0, consent={"advertising": False})])
+    b = build([ev(CART_VIEWED, T0, consent={"advertising": False}),
+               ev(CART_VIEWED, T0, consent={"advertising": True})])
     assert a["consent"] == b["consent"] == {"email": None, "advertising": False}
     # Unknown categories fall back to the default.
     assert has_consent(p, "sms", default=True) is True
@@ -360,15 +332,8 @@ def test_affinity_halves_after_one_half_life() -> None:
     assert p["affinity"]["bags"] == pytest.approx(1.5)
     assert p["affinity_at"] == T0 + hl
     # Weights: view 1, add 3, purchase 5 (per product category).
-    q = build(
-        [
-            ev(
-                ORDER_COMPLETED,
-                T0,
-                {"products": [{"category": "a"}, {"category": "b"}, {"category": "a"}]},
-            )
-        ]
-    )
+    q = build([ev(ORDER_COMPLETED, T0, {"products": [{"category": "a"}, {"category": "b"},
+                                                     {"category": "a"}]})])
     assert q["affinity"] == {"a": 10.0, "b": 5.0}
 
 
@@ -413,25 +378,10 @@ def test_summary_and_features_deterministic_types_no_wall_clock(monkeypatch) -> 
     s1, s2 = summary(p, now=now), summary(p, now=now)
     assert s1 == s2
     assert list(s1) == [
-        "user_id",
-        "events",
-        "orders",
-        "revenue",
-        "recency_days",
-        "days_since_seen",
-        "cart_items",
-        "cart_value",
-        "checkout_started",
-        "email_delivered",
-        "email_opened",
-        "email_clicked",
-        "unsubscribed",
-        "consent_email",
-        "consent_advertising",
-        "top_category",
-        "first_seen",
-        "last_seen",
-        "updated_at",
+        "user_id", "events", "orders", "revenue", "recency_days", "days_since_seen",
+        "cart_items", "cart_value", "checkout_started", "email_delivered", "email_opened",
+        "email_clicked", "unsubscribed", "consent_email", "consent_advertising",
+        "top_category", "first_seen", "last_seen", "updated_at",
     ]
     assert all(type(v) is str for v in s1.values())
     assert s1["updated_at"].endswith("Z")
@@ -452,22 +402,9 @@ def test_summary_and_features_deterministic_types_no_wall_clock(monkeypatch) -> 
 
 # --------------------------------------------------------------------------- randomized
 
-_NAMES = (
-    PRODUCT_VIEWED,
-    PRODUCT_ADDED,
-    PRODUCT_REMOVED,
-    CART_VIEWED,
-    CHECKOUT_STARTED,
-    ORDER_COMPLETED,
-    ORDER_REFUNDED,
-    EMAIL_DELIVERED,
-    EMAIL_OPENED,
-    EMAIL_LINK_CLICKED,
-    EMAIL_BOUNCED,
-    UNSUBSCRIBED,
-    OFFER_VIEWED,
-    OFFER_CLICKED,
-)
+_NAMES = (PRODUCT_VIEWED, PRODUCT_ADDED, PRODUCT_REMOVED, CART_VIEWED, CHECKOUT_STARTED,
+          ORDER_COMPLETED, ORDER_REFUNDED, EMAIL_DELIVERED, EMAIL_OPENED, EMAIL_LINK_CLICKED,
+          EMAIL_BOUNCED, UNSUBSCRIBED, OFFER_VIEWED, OFFER_CLICKED)
 _WEIRD = (None, "abc", -3, 0, math.inf, math.nan, True, "2.5", 1e30)
 
 
@@ -488,12 +425,8 @@ def random_events(rng: random.Random, n: int, *, t0: float = T0) -> list[Event]:
         props: dict[str, Any]
         if name in (ORDER_COMPLETED, ORDER_REFUNDED):
             products = [
-                {
-                    "product_id": f"p{rng.randrange(30)}",
-                    "price": _maybe(rng, rng.uniform(1, 99)),
-                    "quantity": _maybe(rng, rng.randint(1, 3)),
-                    "category": cat,
-                }
+                {"product_id": f"p{rng.randrange(30)}", "price": _maybe(rng, rng.uniform(1, 99)),
+                 "quantity": _maybe(rng, rng.randint(1, 3)), "category": cat}
                 for _ in range(rng.randint(0, 3))
             ]
             props = {"products": products}
@@ -503,12 +436,8 @@ def random_events(rng: random.Random, n: int, *, t0: float = T0) -> list[Event]:
             elif r < 0.7:
                 props["total"] = _maybe(rng, round(rng.uniform(1, 300), 2))
         else:
-            props = {
-                "product_id": _maybe(rng, pid),
-                "price": _maybe(rng, rng.uniform(1, 99)),
-                "quantity": _maybe(rng, rng.randint(1, 4)),
-                "category": _maybe(rng, cat),
-            }
+            props = {"product_id": _maybe(rng, pid), "price": _maybe(rng, rng.uniform(1, 99)),
+                     "quantity": _maybe(rng, rng.randint(1, 4)), "category": _maybe(rng, cat)}
         consent = None
         if rng.random() < 0.05:
             consent = {"email": rng.random() < 0.5, "advertising": rng.random() < 0.5}
@@ -533,19 +462,9 @@ def test_randomized_invariants() -> None:
             fv = feature_vector(p, now=max_ts)
             assert all(math.isfinite(v) for v in fv.values())
             assert all(type(v) is str for v in summary(p, now=max_ts).values())
-    for key in (
-        "events",
-        "views",
-        "pages",
-        "orders",
-        "refunds",
-        "email_delivered",
-        "email_opened",
-        "email_clicked",
-        "email_bounced",
-        "offers_viewed",
-        "offers_clicked",
-    ):
+    for key in ("events", "views", "pages", "orders", "refunds", "email_delivered",
+                "email_opened", "email_clicked", "email_bounced", "offers_viewed",
+                "offers_clicked"):
         assert type(p[key]) is int and p[key] >= 0, key
     assert p["events"] == 2000
     assert p["cart_value"] == round(sum(x["price"] * x["qty"] for x in p["cart"].values()), 2)
