@@ -117,18 +117,21 @@ async def _partitions_by_key(
 ) -> dict[int, int]:
     """The default partitioner's choice for each message (by index) sent without a partition:
     murmur2 of the key for a whole topic at once; a random available partition without a key."""
+    partitions_of: dict[str, list[int]] = {}  # one metadata lookup per topic, not per message
     keyed: dict[str, list[int]] = {}  # topic -> indexes of its keyed messages
     chosen: dict[int, int] = {}
     for i, (topic, key, _, partition) in enumerate(messages):
         if partition is not None:
             continue
+        if topic not in partitions_of:
+            partitions_of[topic] = sorted(await producer.partitions_for(topic))
         if key is None:
-            available = sorted(await producer.partitions_for(topic))
-            chosen[i] = DefaultPartitioner()(None, available, available)
+            every = partitions_of[topic]
+            chosen[i] = DefaultPartitioner()(None, every, every)
         else:
             keyed.setdefault(topic, []).append(i)
     for topic, indexes in keyed.items():
-        count = len(await producer.partitions_for(topic))  # one metadata lookup per topic
         keys = [cast(bytes, messages[i][1]) for i in indexes]
-        chosen.update(zip(indexes, partitions_for_keys(keys, count), strict=True))
+        placed = partitions_for_keys(keys, len(partitions_of[topic]))
+        chosen.update(zip(indexes, placed, strict=True))
     return chosen
