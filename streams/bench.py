@@ -700,10 +700,15 @@ def run_bench(
         with _engine_workers(engine_settings, 1) as (worker,):
             assert worker.pid is not None
             rss_start = rss_kib(worker.pid)
-            halfway = _Halfway(worker)
+            held_at_halfway: list[int] = []
+
+            def at_halfway() -> None:
+                # Events held back for event-time order: their memory stays with the process.
+                held_at_halfway.append(gauge(worker.scrape() or "", "persona_ordering_held_events"))
+
             profiler = _Profiler(worker.pid, profile_path) if profile_path else None
             try:
-                poll = _Poll([worker], others=servers_pids, halfway=halfway)
+                poll = _Poll([worker], others=servers_pids, halfway=at_halfway)
                 engine = poll.until(n, timeout_s)
             finally:
                 recorded = profiler.stop() if profiler else None
@@ -718,7 +723,7 @@ def run_bench(
             result["redis_cpu_cores"] = engine.others_cores.get("redis")
             result["engine_seconds"] = round(engine.seconds, 2)
             result["profiles"] = profiles
-            result["held_events_at_halfway"] = halfway.held
+            result["held_events_at_halfway"] = next(iter(held_at_halfway), None)
             result["rss_start_mb"] = round(rss_start / 1024, 1)
             result["rss_end_mb"] = round(rss_end / 1024, 1)
             result["engine_rss_mb_per_100k_profiles"] = mib_per_100k(rss_end - rss_start, profiles)
@@ -775,19 +780,6 @@ def run_bench(
             result["two_worker_events_per_s"] / result["engine_events_per_s"], 3
         )
     return result
-
-
-class _Halfway:
-    """Events a worker holds for event-time order when half the events are counted (its
-    :class:`_Poll` calls it once)."""
-
-    def __init__(self, worker: WorkerProcess) -> None:
-        self.worker = worker
-        self.held: int | None = None
-
-    def __call__(self) -> None:
-        # Events held back for event-time order: their memory stays with the process.
-        self.held = gauge(self.worker.scrape() or "", "persona_ordering_held_events")
 
 
 def _memory_run(

@@ -76,7 +76,6 @@ class Intake:
         flow_control: FlowControlEvent,
         create_event: Callable[[Any, Any, Any, Any], Any],
         generation: Callable[[], int] | None = None,
-        track: Callable[[Any], None] | None = None,
     ) -> None:
         if max_events < 1 or linger_s <= 0:
             raise ValueError("max_events must be at least 1 and linger_s positive")
@@ -88,7 +87,7 @@ class Intake:
         self._generation = generation
         """The consumer's generation now (messages read before a rebalance carry an older one);
         None: no generation check (messages not read by a Faust consumer have none)."""
-        self.track = track
+        self.track: Callable[[Any], None] | None = None
         """Faust's record of messages in flight (set by :meth:`install`)."""
         self._events: list[Any] = []
         self._first_at = 0.0
