@@ -234,6 +234,16 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
     return lower
 
 
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    """One poll's reading: when, the events counted, CPU seconds of the workers and others."""
+
+    t: float
+    count: int
+    cpu: float
+    others: dict[str, float]
+
+
 @dataclass(slots=True)
 class _Poll:
     """Counts of one or more workers read every ``POLL_S``: the run's window from them."""
@@ -260,18 +270,26 @@ class _Poll:
             backlog += gauge(text, "persona_timers_due")
         return (t0 + time.monotonic()) / 2, total, backlog
 
+    def _mark(self, t: float, count: int) -> _Mark:
+        return _Mark(
+            t,
+            count,
+            sum(cpu_seconds(w.pid) for w in self.workers if w.pid),
+            {name: cpu_seconds(pid) for name, pid in self.others.items()},
+        )
+
     def until(self, expected: int, timeout_s: float, stall_s: float = 60.0) -> Throughput:
         """Poll until the count reaches ``expected`` and no timer is left due (the work of an
-        event includes the timers it made due); the rate after the first batch.
+        event includes the timers it made due); the rate after the first batch (the time the
+        group took to form is no part of it), or, when all came between two polls, a lower bound.
 
         Fails after ``timeout_s``, or after ``stall_s`` without progress (a crashed agent leaves
         its worker serving /metrics but consuming nothing), quoting the workers' errors.
         """
         deadline = time.monotonic() + timeout_s
-        first: tuple[float, int] | None = None
+        first: _Mark | None = None
+        before_first: _Mark | None = None
         previous_t = changed_at = time.monotonic()
-        cpu_first = 0.0
-        others_first: dict[str, float] = {}
         count = 0
         last: tuple[int, int] = (0, 0)
         while time.monotonic() < deadline and time.monotonic() - changed_at < stall_s:
@@ -281,19 +299,26 @@ class _Poll:
             if self.halfway is not None and count >= expected / 2:
                 self.halfway()
                 self.halfway = None
-            if count > 0 and first is None:
-                first = (t, count)
-                cpu_first = sum(cpu_seconds(w.pid) for w in self.workers if w.pid)
-                others_first = {name: cpu_seconds(pid) for name, pid in self.others.items()}
+            if first is None:
+                mark = self._mark(t, max(count, 0))
+                if count <= 0:
+                    before_first = mark
+                else:
+                    first = mark
             if count >= expected and backlog == 0 and first is not None:
-                cpu = sum(cpu_seconds(w.pid) for w in self.workers if w.pid) - cpu_first
-                others = {n: cpu_seconds(pid) - others_first[n] for n, pid in self.others.items()}
-                end = (previous_t + t) / 2 if count > first[1] else t
-                span = end - first[0]
-                if span <= 0:  # everything in the first batch: no window to measure
+                start, end = first, (previous_t + t) / 2 if count > first.count else t
+                if first.count >= expected and before_first is not None:
+                    # Everything came between two polls: the window from the last poll that had
+                    # none, so the rate is a lower bound rather than nothing.
+                    start, end = before_first, t
+                span = end - start.t
+                if span <= 0 or start.count >= expected:
                     return Throughput(0.0, 0.0)
-                others_cores = {n: round(c / span, 2) for n, c in others.items()}
-                return Throughput((expected - first[1]) / span, span, cpu / span, others_cores)
+                final = self._mark(t, count)
+                cores = {n: round((c - start.others[n]) / span, 2) for n, c in final.others.items()}
+                return Throughput(
+                    (expected - start.count) / span, span, (final.cpu - start.cpu) / span, cores
+                )
             previous_t = t
             time.sleep(max(0.0, POLL_S - (time.monotonic() - t)))
         raise BenchError(
