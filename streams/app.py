@@ -90,6 +90,7 @@ from streams.identity import (
 )
 from streams.ingest import BatchResult, Record, apply_events, parse_records
 from streams.intake import Intake
+from streams.keyfilter import KeyFilter
 from streams.metrics import Metrics
 from streams.offsets import DONE, HOLD, OffsetGuard, repair_gaps
 from streams.ordering import ReorderBuffer
@@ -142,9 +143,9 @@ class Persona:
     """Users per segment, per partition owned here (absolute counts written to Redis)."""
     saved_watermarks: dict[int, float] = field(default_factory=dict)
     ordering: ReorderBuffer = field(default_factory=lambda: ReorderBuffer(()))
-    internal_keys: set[bytes] = field(default_factory=set)
-    """Erasure markers and aliases in the table: most lookups of them miss, and a miss in the
-    RocksDB store searches every partition's database."""
+    internal_keys: KeyFilter = field(default_factory=KeyFilter)
+    """Erasure markers and aliases that may be in the table: most lookups of them miss, and a
+    miss in the RocksDB store searches every partition's database."""
     offsets: OffsetGuard = field(default_factory=lambda: OffsetGuard(frozenset()))
     """What this worker applied per input partition; keeps commits from passing a gap."""
     trainer_state: Any = None  # faust Table[bytes, bytes]: signed checkpoints by model
@@ -710,7 +711,8 @@ def erasure_marker(persona: Persona, user_id: str) -> bytes:
 
 
 def _is_erased(persona: Persona, user_id: str) -> bool:
-    return erasure_marker(persona, user_id) in persona.internal_keys
+    marker = erasure_marker(persona, user_id)
+    return marker in persona.internal_keys and persona.profiles.get(marker) is not None
 
 
 def write_table(
@@ -718,11 +720,8 @@ def write_table(
 ) -> None:
     """Set or delete a profiles-table entry (an event of ``partition`` is current)."""
     outbox.write(persona.profiles, partition, key, value)
-    if key.startswith(INTERNAL_KEY_PREFIX):
-        if value is None:
-            persona.internal_keys.discard(key)
-        else:
-            persona.internal_keys.add(key)
+    if value is not None and key.startswith(INTERNAL_KEY_PREFIX):
+        persona.internal_keys.add(key)  # a deleted key stays: its lookups miss
 
 
 def _stitch_identities(

@@ -122,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--memory-events",
         type=_positive_int,
-        default=200_000,
-        help="events of the memory run (a fresh worker, many users)",
+        help="events of the memory run (a fresh worker, many users, in two halves; "
+        "default 300,000)",
     )
-    bench.add_argument("--memory-users", type=_positive_int, default=200_000)
+    bench.add_argument(
+        "--memory-users", type=_positive_int, help="users of the memory run (default 300,000)"
+    )
     bench.add_argument(
         "--profile",
         type=Path,
@@ -268,7 +270,7 @@ def _replay(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import orjson
 
-    from streams.bench import format_report, run_bench
+    from streams.bench import MEMORY_EVENTS, format_report, run_bench
 
     result = run_bench(
         args.events,
@@ -277,8 +279,8 @@ def _bench(args: argparse.Namespace) -> int:
         workers=args.workers,
         partitions=args.partitions,
         profile_path=args.profile,
-        memory_events=args.memory_events,
-        memory_users=args.memory_users,
+        memory_events=args.memory_events or MEMORY_EVENTS,
+        memory_users=args.memory_users or MEMORY_EVENTS,
     )
     print(format_report(result))
     if args.json:

@@ -92,10 +92,29 @@ class PartitionClocks:
 
 
 class TimerIndex:
-    """Min-heaps of (due, user id) per partition: which profiles to look at when time passes."""
+    """Min-heaps of (due, user id) per partition: which profiles to look at when time passes.
+
+    At most one live entry per user: the earliest deadline asked for. Scheduling a later or
+    equal deadline while an earlier entry waits adds nothing (looking at the profile then
+    schedules its next deadline again); scheduling an earlier one replaces the entry, and the
+    replaced one stays in the heap, skipped when it comes up. Every profile change asks for its
+    deadline again, so without this the heap held about three entries per user, each with its
+    own id string: a third of a profile's memory.
+
+    >>> timers = TimerIndex()
+    >>> for due in (50.0, 70.0, 50.0):
+    ...     timers.schedule(0, due, "u1")
+    >>> len(timers), timers.scheduled(0, "u1")
+    (1, 50.0)
+    >>> timers.schedule(0, 10.0, "u1")  # earlier: replaces the entry due at 50
+    >>> timers.pop_due(0, watermark=100.0), timers.pop_due(0, watermark=100.0)
+    (['u1'], [])
+    """
 
     def __init__(self) -> None:
         self._heaps: dict[int, list[tuple[float, str]]] = {}
+        self._live: dict[int, dict[str, tuple[float, str]]] = {}
+        """Per partition, each user's live heap entry (the very tuple in the heap)."""
 
     def has(self, partition: int) -> bool:
         """True once the partition's index was built (or started) on this worker."""
@@ -103,9 +122,26 @@ class TimerIndex:
 
     def start(self, partition: int) -> None:
         self._heaps.setdefault(partition, [])
+        self._live.setdefault(partition, {})
 
     def schedule(self, partition: int, due: float, user_id: str) -> None:
-        heapq.heappush(self._heaps.setdefault(partition, []), (due, user_id))
+        live = self._live.get(partition)
+        if live is None:
+            self.start(partition)
+            live = self._live[partition]
+        entry = live.get(user_id)
+        if entry is not None:
+            if entry[0] <= due:
+                return
+            user_id = entry[1]  # one id string per user, however often it is scheduled
+        entry = (due, user_id)
+        live[user_id] = entry
+        heapq.heappush(self._heaps[partition], entry)
+
+    def scheduled(self, partition: int, user_id: str) -> float | None:
+        """The deadline of the user's live entry, if any."""
+        entry = self._live.get(partition, {}).get(user_id)
+        return entry[0] if entry is not None else None
 
     def pop_due(self, partition: int, watermark: float, limit: int | None = None) -> list[str]:
         """Users with an entry due at or before ``watermark``, each once, earliest first; at
@@ -113,12 +149,19 @@ class TimerIndex:
         heap = self._heaps.get(partition)
         if not heap:
             return []
-        due_users: dict[str, None] = {}
+        live = self._live[partition]
+        due_users: list[str] = []
         while heap and heap[0][0] <= watermark:
-            if limit is not None and len(due_users) >= limit and heap[0][1] not in due_users:
+            entry = heap[0]
+            if live.get(entry[1]) is not entry:  # replaced by an earlier one, or looked at
+                heapq.heappop(heap)
+                continue
+            if limit is not None and len(due_users) >= limit:
                 break
-            due_users[heapq.heappop(heap)[1]] = None
-        return list(due_users)
+            heapq.heappop(heap)
+            del live[entry[1]]
+            due_users.append(entry[1])
+        return due_users
 
     def has_due(self, partition: int, watermark: float) -> bool:
         """True if an entry's deadline is before ``watermark`` (see :meth:`due_count`)."""
@@ -126,7 +169,8 @@ class TimerIndex:
         return bool(heap) and heap[0][0] < watermark
 
     def due_count(self, partition: int, watermark: float) -> int:
-        """How many entries have a deadline before ``watermark``: the backlog.
+        """How many entries have a deadline before ``watermark``: the backlog (replaced entries
+        not yet skipped included).
 
         Walks only that part of the heap: O(entries counted), not O(entries).
 
@@ -147,6 +191,8 @@ class TimerIndex:
 
     def forget(self, partition: int) -> None:
         self._heaps.pop(partition, None)
+        self._live.pop(partition, None)
 
     def __len__(self) -> int:
-        return sum(len(heap) for heap in self._heaps.values())
+        """Users with a live entry."""
+        return sum(len(live) for live in self._live.values())

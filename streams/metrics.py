@@ -149,7 +149,7 @@ class Metrics:
         )
         self.timers_pending = Gauge(
             "persona_timers_pending",
-            "Timer entries held by this worker (future deadlines included)",
+            "Users with a timer on this worker (future deadlines included)",
             registry=r,
         )
         self.batch_seconds = Histogram(

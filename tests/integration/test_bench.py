@@ -78,12 +78,15 @@ def test_bench_reports_every_number_and_leaves_no_process(
     assert 0 < result["later_received_p99_ms"] <= result["later_p99_ms"]
     assert result["latency_events"] == 5000 and result["later_events"] > 0
     assert result["paced_rss_mb_per_100k_profiles"] > 0
-    # The memory run: growth per profile of a fresh worker, and the projection from it.
+    # The memory run: growth per profile of a fresh worker once warm, and the projection.
     assert result["memory_events"] == 20_000
-    assert 0 < result["memory_profiles"] <= 20_000
-    per_100k, start = result["rss_mb_per_100k_profiles"], result["memory_rss_start_mb"]
-    assert start > 0 and math.isfinite(per_100k)
-    projected = start + per_100k * 10
+    warm, profiles = result["memory_profiles_warm"], result["memory_profiles"]
+    assert 0 < warm < profiles <= 20_000
+    per_100k, end = result["rss_mb_per_100k_profiles"], result["memory_rss_end_mb"]
+    assert result["memory_rss_start_mb"] > 0 and end > 0 and math.isfinite(per_100k)
+    assert result["memory_rss_peak_mb"] >= result["memory_rss_start_mb"]
+    assert math.isfinite(result["rss_mb_per_100k_profiles_with_startup"])
+    projected = end + per_100k * (1_000_000 - profiles) / 100_000
     assert result["rss_mb_at_1m_profiles_projected"] == pytest.approx(projected, abs=0.1)
     # Every event changes a profile; several events of one user in one batch are written once.
     assert 0 < result["engine_profile_writes_per_event"] <= result["profile_writes_per_event"]
