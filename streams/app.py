@@ -798,28 +798,35 @@ def erase_users(
     return out
 
 
-def _index_partition(persona: Persona, partition: int) -> None:
-    """Rebuild this partition's timers and segment counts from the table (after assignment)."""
-    persona.timers.start(partition)
-    counts: Counter[str] = Counter()
+def _index_partitions(persona: Persona, partitions: set[int]) -> None:
+    """Rebuild these partitions' timers and segment counts from the table (after assignment).
+
+    One pass over the table for all of them: it holds every partition's profiles, and a pass
+    decodes each (about 25 µs a profile: 25 s at a million).
+    """
+    counts: dict[int, Counter[str]] = {partition: Counter() for partition in partitions}
+    for partition in partitions:
+        persona.timers.start(partition)
     for key, raw in persona.profiles.items():
         if key.startswith(WATERMARK_KEY_PREFIX):
-            if int(key[len(WATERMARK_KEY_PREFIX) :]) == partition:
+            partition = int(key[len(WATERMARK_KEY_PREFIX) :])
+            if partition in partitions:
                 persona.clocks.restore(partition, float(raw))
             continue
         if key.startswith(INTERNAL_KEY_PREFIX):  # erasure markers, aliases
             persona.internal_keys.add(key)
             continue
         profile = profile_codec.decode(raw)
-        if profile.get(PARTITION_FIELD) != partition:
+        partition = profile.get(PARTITION_FIELD)
+        if partition not in partitions:
             continue
         due = persona.engine.next_due(profile)
         if due is not None:
             persona.timers.schedule(partition, due, profile["user_id"])
         segment = (profile.get(TRIGGERS_KEY) or {}).get("segment")
         if segment:
-            counts[segment] += 1
-    persona.segment_counts[partition] = counts
+            counts[partition][segment] += 1
+    persona.segment_counts.update(counts)
 
 
 async def process_batch(persona: Persona, events: list[EventT]) -> None:
@@ -862,9 +869,9 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
                 records.append(record)
     metrics.observe_latency("received", [r.source.message.timestamp for r in records])
 
-    for partition in event_of_partition:
-        if not persona.timers.has(partition):
-            _index_partition(persona, partition)
+    unindexed = {p for p in event_of_partition if not persona.timers.has(p)}
+    if unindexed:
+        _index_partitions(persona, unindexed)
 
     # Valid events wait for event-time order across the input topics; each holds a reference
     # on its message, so Kafka's committed offset never passes an event not yet applied.
