@@ -802,7 +802,7 @@ def _index_partitions(persona: Persona, partitions: set[int]) -> None:
     """Rebuild these partitions' timers and segment counts from the table (after assignment).
 
     One pass over the table for all of them: it holds every partition's profiles, and a pass
-    decodes each (about 25 µs a profile: 25 s at a million).
+    decodes each (about 25 µs a profile: some 25 s at a million).
     """
     counts: dict[int, Counter[str]] = {partition: Counter() for partition in partitions}
     for partition in partitions:
