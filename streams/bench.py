@@ -577,11 +577,22 @@ def _engine_workers(settings: Settings, count: int) -> Iterator[list[WorkerProce
         yield workers
 
 
+PY_SPY_MISSING = "--profile needs py-spy: pip install '.[profile]'"
+
+
+def py_spy() -> str | None:
+    """The py-spy executable on the PATH or beside this Python, if installed."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
 class _Profiler:
     """``py-spy record -f raw`` attached to a pid until :meth:`stop` (SIGINT writes the file)."""
 
     def __init__(self, pid: int, path: Path) -> None:
-        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        exe = py_spy()
+        if exe is None:
+            raise BenchError(PY_SPY_MISSING)
         self.path = path
         with (path.parent / "py-spy.log").open("ab") as log:
             self.proc = subprocess.Popen(

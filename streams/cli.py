@@ -270,8 +270,10 @@ def _replay(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import orjson
 
-    from streams.bench import MEMORY_EVENTS, format_report, run_bench
+    from streams.bench import MEMORY_EVENTS, PY_SPY_MISSING, format_report, py_spy, run_bench
 
+    if args.profile is not None and py_spy() is None:
+        raise UserError(PY_SPY_MISSING)
     result = run_bench(
         args.events,
         users=args.users,

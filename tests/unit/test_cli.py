@@ -75,3 +75,17 @@ def test_settings_markdown_lists_every_variable() -> None:
     result = persona("settings", "--markdown")
     assert result.returncode == 0
     assert "| `PERSONA_BROKER_URL` |" in result.stdout
+
+
+def test_bench_profile_without_py_spy_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streams import cli
+
+    # A machine without py-spy: not on the PATH, not beside the interpreter.
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "executable", "/nonexistent/bin/python")
+
+    assert cli.main(["bench", "--events", "10", "--profile", "out.raw"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message == "persona bench: error: --profile needs py-spy: pip install '.[profile]'"
