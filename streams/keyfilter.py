@@ -82,19 +82,20 @@ class KeyFilter:
     def add(self, key: bytes) -> None:
         """Remember ``key``; a key it already answers for is not counted again (a re-indexed
         partition adds its keys again, and its answer for them cannot change anyway)."""
-        if key in self:
+        key_hash = self._hash(key)
+        if self._answers_for(key_hash):
             return
         stage = self._stages[-1]
         if stage.count >= stage.capacity:
             rate = self._false_positives / 2 ** (len(self._stages) + 1)
             stage = _Stage(stage.capacity * 2, rate)
             self._stages.append(stage)
-        stage.add(self._hash(key))
+        stage.add(key_hash)
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, bytes):
-            return False
-        key_hash = self._hash(key)
+        return isinstance(key, bytes) and self._answers_for(self._hash(key))
+
+    def _answers_for(self, key_hash: int) -> bool:
         return any(key_hash in stage for stage in self._stages)
 
     def __len__(self) -> int:
