@@ -855,7 +855,13 @@ def _memory_run(
             time.sleep(settings.malloc_trim_s + 2 * settings.tick_interval_s)  # a trim since idle
             marks.append((asyncio.run(_count_profiles(settings.redis_url)), rss_kib(worker.pid)))
     (_, start), (warm_profiles, warm), (profiles, end) = marks
-    per_100k = mib_per_100k(end - warm, profiles - warm_profiles)
+    added = profiles - warm_profiles
+    if added < profiles / 4:  # the slope would rest on a handful of profiles
+        raise BenchError(
+            f"memory run: only {added} of {profiles} profiles were added in its second half; "
+            "raise --memory-users"
+        )
+    per_100k = mib_per_100k(end - warm, added)
     return {
         "memory_events": n,
         "memory_users": users,
@@ -870,7 +876,7 @@ def _memory_run(
         "rss_mb_per_100k_profiles_with_startup": mib_per_100k(end - start, profiles),
         # This worker as it ended, plus the same cost per profile up to a million of them.
         "rss_mb_at_1m_profiles_projected": round(
-            end / 1024 + per_100k * (1_000_000 - profiles) / 100_000, 1
+            end / 1024 + per_100k * max(1_000_000 - profiles, 0) / 100_000, 1
         ),
     }
 
