@@ -84,6 +84,7 @@ from streams.identity import (
     alias_of,
     erasure_request,
     identity_topic_name,
+    internal_entry,
     run_claims,
     run_merges,
     run_unlinks,
@@ -711,8 +712,7 @@ def erasure_marker(persona: Persona, user_id: str) -> bytes:
 
 
 def _is_erased(persona: Persona, user_id: str) -> bool:
-    marker = erasure_marker(persona, user_id)
-    return marker in persona.internal_keys and persona.profiles.get(marker) is not None
+    return internal_entry(persona, erasure_marker(persona, user_id)) is not None
 
 
 def write_table(

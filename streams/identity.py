@@ -117,12 +117,15 @@ def erasure_request(user_id: str, at: float) -> Event:
     )
 
 
+def internal_entry(persona: Persona, key: bytes) -> bytes | None:
+    """The value of an internal table entry (alias, erasure marker), if there is one: looked
+    up only where the key filter says it may be (most of these lookups miss)."""
+    return persona.profiles.get(key) if key in persona.internal_keys else None
+
+
 def alias_of(persona: Persona, user_id: str) -> str | None:
     """The known user an anonymous id was merged into, if it was."""
-    key = alias_key(user_id)
-    if key not in persona.internal_keys:
-        return None
-    target = persona.profiles.get(key)
+    target = internal_entry(persona, alias_key(user_id))
     return target.decode() if target else None
 
 
