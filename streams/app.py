@@ -8,7 +8,8 @@ a crash re-delivers it and de-duplication makes the replay harmless). Per batch 
 2. scores the changed profiles on this worker's model replicas (``streams.engine``),
 3. advances each partition's event-time watermark,
 4. writes each changed profile once to the changelog-backed table and once to Redis (one
-   pipeline), and sends the trigger messages.
+   pipeline), and sends the trigger messages: these sends go on while the next batch is
+   computed (:func:`_hand_off`), and the batch is acknowledged once they are done.
 
 Timers that came due (abandoned carts, label horizons, attribution windows) run between batches
 (:func:`run_due_timers`), a chunk at a time, so a burst of deadlines never holds events back.
@@ -33,7 +34,7 @@ import math
 import time
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -170,6 +171,8 @@ class Persona:
     trainer_held: list[EventT] = field(default_factory=list)
     """Examples learned but not checkpointed yet: acknowledged by the next checkpoint."""
     trainers_checkpointed_at: float = 0.0
+    sending: asyncio.Future[None] | None = None
+    """The hand-off being sent (see :func:`_hand_off`): at most one at a time, in order."""
 
 
 @contextlib.contextmanager
@@ -202,9 +205,9 @@ def broker_credentials(security: KafkaSecurity) -> Any:
 
 
 async def _or_crash(app: faust.App, work: Awaitable[None]) -> None:
-    """Run a batch; if it fails, stop the whole worker with an error instead of letting Faust
-    keep a worker alive whose agent died (it would serve /metrics and consume nothing). The
-    batch is not acknowledged, so a restarted worker processes it again."""
+    """Run a batch (or send one); if it fails, stop the whole worker with an error instead of
+    letting Faust keep a worker alive whose agent died (it would serve /metrics and consume
+    nothing). The batch is not acknowledged, so a restarted worker processes it again."""
     try:
         await work
     except Exception as exc:
@@ -383,6 +386,9 @@ def create_app(settings: Settings) -> Persona:
     @app.service
     class RedisCloser(faust.Service):  # type: ignore[misc]
         async def on_stop(self) -> None:
+            # What is still being sent either arrives or stays unacknowledged (read again).
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(wait_sent(persona), timeout=5.0)
             await cache.close()
 
     return persona
@@ -885,6 +891,7 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
     ):
         record.source.message.incref()
         persona.ordering.add(record.partition, record.topic, event["ts"], (record, event))
+    await _let_sends_run()
     released: list[tuple[Record, Event]] = []
     for partition in persona.ordering.partitions():
         released += persona.ordering.release(partition, _caught_up(persona, partition))
@@ -909,6 +916,7 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
     outbox = Outbox(persona.app.producer)
     outputs = erase_users(persona, result.erasures, event_of_partition, identity, outbox)
     _stitch_identities(persona, identity, released, result, event_of_partition, outbox)
+    await _let_sends_run()
 
     changed = result.changed
     for user_id, profile in changed.items():
@@ -952,7 +960,7 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
     # Latency counts from the produce time of the events applied now (a held event counts when
     # it is released, in the batch that writes its effect, not in the batch it arrived with).
     produced_at = [record.source.message.timestamp for record, _ in released]
-    await _publish(
+    hand_off = await _publish(
         persona,
         Changes(changed, result.partition_of, old_segments, outputs),
         outbox,
@@ -960,6 +968,7 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
         erased=list(result.erasures),
         relinked=identity.relinked,
     )
+    hand_off.acknowledge = [record for record, _ in released]
 
     for (topic, outcome), count in result.counts.items():
         metrics.events.labels(topic=topic, outcome=outcome).inc(count)
@@ -973,9 +982,8 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
         metrics.forced_events.inc(persona.ordering.forced)
         persona.ordering.forced = 0
     set_timers_due(persona)
-    await _hand_off(
-        persona, outbox, [record for record, _ in released], settled_watermarks(persona)
-    )
+    hand_off.watermarks = settled_watermarks(persona)
+    await _hand_off(persona, hand_off)
 
 
 @dataclass(slots=True)
@@ -990,6 +998,21 @@ class Changes:
     """What the change produced already (erasures, fired timers): scoring adds to it."""
 
 
+@dataclass(slots=True)
+class HandOff:
+    """What a computed batch (or chunk of due timers) leaves to send: its Redis write and its
+    outbox, then the events it acknowledges and the watermarks it shows (see :func:`_send`)."""
+
+    outbox: Outbox
+    redis_write: Callable[[], Awaitable[None]]
+    produced_at: Sequence[float] = ()
+    """Produce times of the events applied (for the latency histogram)."""
+    triggers: bool = False
+    """Whether it sends trigger messages (for the ``trigger_produced`` latency)."""
+    acknowledge: list[Record] = field(default_factory=list)
+    watermarks: dict[int, float] = field(default_factory=dict)
+
+
 async def _publish(
     persona: Persona,
     changes: Changes,
@@ -998,17 +1021,19 @@ async def _publish(
     produced_at: Sequence[float] = (),
     erased: Sequence[str] = (),
     relinked: Mapping[str, str | None] | None = None,
-) -> None:
-    """Score changed profiles and put the results in the table, Redis and the outbox.
+) -> HandOff:
+    """Score changed profiles and put the results in the table and the outbox.
 
-    Reschedules each profile's next deadline and keeps the segment counts. Redis is written
-    here; the outbox (table changelog, triggers, training examples) is sent by the caller.
+    Reschedules each profile's next deadline and keeps the segment counts. What is left to send
+    (the Redis write, the outbox: table changelog, triggers, training examples) is returned for
+    :func:`_hand_off`.
     """
     engine, metrics, clocks = persona.engine, persona.metrics, persona.clocks
     changed, partition_of = changes.profiles, changes.partition_of
     outputs = changes.outputs
     now_of = {u: now_for(p, clocks.watermark(partition_of[u])) for u, p in changed.items()}
     outputs.extend(engine.score(changed, now_of))
+    await _let_sends_run()
 
     by_partition: dict[int, list[str]] = {}
     for user_id, profile in changed.items():
@@ -1033,18 +1058,16 @@ async def _publish(
         totals.update(counts)
     for segment, count in totals.items():
         metrics.segment_size.labels(segment=segment).set(count)
-    redis_started = time.perf_counter()
-    await persona.cache.write_profiles(
+    redis_write = partial(
+        persona.cache.write_profiles,
         outputs.redis_fields,
         lead_scores=outputs.lead_scores,
         segment_sizes=segment_sizes(persona.segment_counts, by_partition),
         erased=erased,
         aliases=relinked,
     )
-    metrics.redis_write_seconds.observe(time.perf_counter() - redis_started)
     metrics.profile_writes.inc(len(outputs.redis_fields))
     metrics.timers_pending.set(len(persona.timers))
-    metrics.observe_latency("redis_written", produced_at)
 
     topic_name = {kind: topic.get_topic_name() for kind, topic in persona.topics.items()}
     for emission in outputs.emissions:
@@ -1054,10 +1077,7 @@ async def _publish(
             kind="tombstone" if tombstone_sent else TRIGGER_KIND[emission.kind]
         ).inc()
     # One message per model and batch: the trainer learns in batches anyway.
-    by_model: dict[str, list[dict[str, Any]]] = {}
-    for model, example in outputs.examples:
-        by_model.setdefault(model, []).append(example)
-    for model, examples in by_model.items():
+    for model, examples in outputs.examples_by_model().items():
         for start in range(0, len(examples), EXAMPLES_PER_MESSAGE):
             chunk = examples[start : start + EXAMPLES_PER_MESSAGE]
             value = orjson.dumps({"model": model, "examples": chunk})
@@ -1066,33 +1086,66 @@ async def _publish(
         metrics.offer_decisions.labels(offer=offer_id, policy=policy, reason=reason).inc(count)
     for (kind, reason), count in outputs.suppressed.items():
         metrics.triggers_suppressed.labels(kind=kind, reason=reason).inc(count)
-    if outputs.emissions:
-        metrics.observe_latency("trigger_produced", produced_at)
+    return HandOff(outbox, redis_write, produced_at, triggers=bool(outputs.emissions))
 
 
-async def _hand_off(
-    persona: Persona,
-    outbox: Outbox,
-    acknowledge: list[Record],
-    watermarks: dict[int, float],
-) -> None:
-    """Send the outbox; then acknowledge ``acknowledge`` and show ``watermarks``.
+async def _let_sends_run() -> None:
+    """Give the event loop a turn inside a batch, so the previous batch's sends move on (a
+    Redis reply read, the changelog sent once the broker took the messages) while this one is
+    computed; without it each step of theirs would wait for the whole batch."""
+    await asyncio.sleep(0)
 
-    Everything a batch produced (changelog, outputs, dead letters, examples) is on the broker
-    before its events are acknowledged: a crash can only re-deliver, never lose. Last, the
-    watermark gauge: at or past a time, it means every output due by then is on the broker
-    (see :func:`settled_watermarks`).
+
+async def _hand_off(persona: Persona, hand_off: HandOff) -> None:
+    """Start sending ``hand_off`` once the one before it is sent, and return while it is sent.
+
+    A batch's Redis write and broker sends wait on the network (a quarter of the worker's time
+    when it waited for them); meanwhile the next batch is computed. At most one hand-off is in
+    flight, so sends keep their order (Redis writes, table changelogs, outputs) and at most
+    one batch waits behind another; a batch's events are acknowledged only once its writes are
+    in Redis and on the broker (:func:`_send`), so a crash can only re-deliver, never lose. A
+    failed send stops the worker, and the batches after it are not sent.
     """
-    await outbox.flush()
-    for record in acknowledge:
+    await wait_sent(persona)
+    persona.sending = asyncio.ensure_future(_or_crash(persona.app, _send(persona, hand_off)))
+    await _let_sends_run()  # its first writes go out before the next batch is computed
+
+
+async def _send(persona: Persona, hand_off: HandOff) -> None:
+    """Write ``hand_off`` to Redis and send its outbox, both at once; then acknowledge its
+    events and show its watermarks.
+
+    Last, the watermark gauge: at or past a time, it means every output due by then is on the
+    broker (see :func:`settled_watermarks`).
+    """
+    metrics = persona.metrics
+
+    async def write_redis() -> None:
+        started = time.perf_counter()
+        await hand_off.redis_write()
+        metrics.redis_write_seconds.observe(time.perf_counter() - started)
+        metrics.observe_latency("redis_written", hand_off.produced_at)
+
+    await asyncio.gather(write_redis(), hand_off.outbox.flush())
+    if hand_off.triggers:
+        metrics.observe_latency("trigger_produced", hand_off.produced_at)
+    for record in hand_off.acknowledge:
         record.source.ack()
-    persona.metrics.set_watermarks(watermarks)
+    metrics.set_watermarks(hand_off.watermarks)
+
+
+async def wait_sent(persona: Persona) -> None:
+    """Wait until the hand-off in flight, if any, is sent (raises its error if it failed)."""
+    if persona.sending is not None:
+        await persona.sending
 
 
 async def settle(persona: Persona) -> None:
-    """Wait until no batch or run of timers is under way (before partitions move away)."""
+    """Wait until no batch or run of timers is under way and what they handed off is sent
+    (before partitions move away). A failed send stops the worker by itself."""
     async with persona.batch_lock:
-        pass
+        with contextlib.suppress(Exception):
+            await wait_sent(persona)
 
 
 async def run_due_timers(persona: Persona) -> None:
@@ -1186,7 +1239,7 @@ async def run_due_chunk(persona: Persona, limit: int) -> int:
     set_timers_due(persona)
     if not changes.profiles and not changes.outputs.emissions and not changes.outputs.examples:
         return 0
-    outbox = Outbox(persona.app.producer)
-    await _publish(persona, changes, outbox)
-    await _hand_off(persona, outbox, [], settled_watermarks(persona))
+    hand_off = await _publish(persona, changes, Outbox(persona.app.producer))
+    hand_off.watermarks = settled_watermarks(persona)
+    await _hand_off(persona, hand_off)
     return len(changes.profiles)
