@@ -11,9 +11,12 @@ compete for the two cores with each other:
    :func:`~streams.ingest.parse_records`, the event-time :class:`~streams.ordering.ReorderBuffer`
    (within the batch: no hold across batches),
    :func:`~streams.ingest.apply_events` with :meth:`Engine.after_event`, due timers
-   (:meth:`Engine.on_due`), :meth:`Engine.score`, profiles orjson-serialized into a dict (the
-   table), one pipelined :meth:`ProfileCache.write_profiles` per batch. It does *not* produce
-   changelog records, trigger messages, training examples nor Prometheus metrics.
+   (:meth:`Engine.on_due`), :meth:`Engine.score`, the trainers' learning of the examples scoring
+   made (:func:`~streams.training.learn`, on the models it scores with: no snapshots), profiles
+   encoded into a dict (the table), one pipelined :meth:`ProfileCache.write_profiles` per batch.
+   It does *not* produce changelog records, trigger messages, training-example messages nor
+   Prometheus metrics, and does not stitch identities (the engine's merges cross partitions
+   through a topic).
 2. **faust count**: ``python -m streams.bench_count``, a Faust agent that only counts
    (``take_events(1000)``): Faust's own floor on this broker.
 3. **two workers** (``workers=2``): two ``persona worker`` processes in one group.
@@ -90,6 +93,7 @@ from streams.engine import (
 from streams.ingest import BatchResult, Record, apply_events, parse_records
 from streams.ordering import ReorderBuffer
 from streams.settings import Settings
+from streams.training import TrainerState, learn
 from streams.worker import WorkerProcess, ensure_topics, tune_gc
 
 TOPIC_PREFIX = "bench-"
@@ -405,6 +409,13 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
     segment_counts: dict[int, Counter[str]] = {}
     seen: set[int] = set()
     writes = 0
+    # The trainers' work, on the models scoring uses (the engine's trainers learn copies and
+    # publish snapshots of them; the learning itself is the same).
+    trainers = {
+        "lead": TrainerState("lead", engine.lead),
+        "offers": TrainerState("offers", engine.policy),
+        "clusters": TrainerState("clusters", engine.clusters),
+    }
     # The reorder buffer's work per event (heap push and pop) without its cross-batch hold: on
     # prefilled topics aiokafka hands out one partition's whole fetch at a time, so a hold until
     # every topic is caught up would release the entire log in one final batch.
@@ -424,6 +435,8 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
         writes += len(changed)
         now_of = {u: now_for(p, clocks.watermark(partition_of[u])) for u, p in changed.items()}
         outputs.extend(engine.score(changed, now_of))
+        for model, examples in outputs.examples_by_model().items():
+            learn(trainers[model], examples)
         for user_id, profile in changed.items():
             partition = partition_of[user_id]
             due = engine.next_due(profile)
@@ -1000,8 +1013,8 @@ def format_report(result: dict[str, Any]) -> str:
         "interval that reached the total).",
         "  ceiling: in-process aiokafka getmany + parse, event-time reorder, apply+after_event, "
         "timers, score, a dict of stored (zstd) profiles,",
-        "  one Redis pipeline per batch; no changelog, no trigger/training sends, no metrics "
-        "(the engine does all of those).",
+        "  the trainers' learning, one Redis pipeline per batch; no changelog, no trigger or "
+        "training-example sends, no metrics, no identity stitching (the engine does all of those).",
         '  latency: difference of the worker\'s persona_latency_seconds{stage="redis_written"} '
         "histogram over a paced run, from the Kafka produce timestamp,",
         "  interpolated linearly inside buckets (bounds 50, 100, 150, 200, 250, 300, 400, 500 ms, "

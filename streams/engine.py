@@ -82,6 +82,13 @@ class Outputs:
     decisions: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     """(offer id, policy, reason) → offer decisions published."""
 
+    def examples_by_model(self) -> dict[str, list[dict[str, Any]]]:
+        """The training examples per model name, in order (a trainer learns them in batches)."""
+        by_model: dict[str, list[dict[str, Any]]] = {}
+        for model, example in self.examples:
+            by_model.setdefault(model, []).append(example)
+        return by_model
+
     def extend(self, other: Outputs) -> None:
         self.emissions += other.emissions
         self.examples += other.examples
