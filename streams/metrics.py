@@ -154,7 +154,7 @@ class Metrics:
         )
         self.batch_seconds = Histogram(
             "persona_batch_seconds",
-            "Time to process one batch, decode to Redis written",
+            "Time to compute one batch, decode to its writes handed off for sending",
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
@@ -183,7 +183,8 @@ class Metrics:
         # -- Redis -------------------------------------------------------------------------
         self.redis_write_seconds = Histogram(
             "persona_redis_write_seconds",
-            "Time of one pipelined Redis batch write, retries included",
+            "Time of one pipelined Redis batch write, retries included; it is sent while the "
+            "next batch is computed, so it includes waiting for that batch's turns of the loop",
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
