@@ -600,7 +600,10 @@ def py_spy() -> str | None:
 
 
 class _Profiler:
-    """``py-spy record -f raw`` attached to a pid until :meth:`stop` (SIGINT writes the file)."""
+    """``py-spy record -f raw --gil`` attached to a pid until :meth:`stop` (SIGINT writes the
+    file). Only the thread holding the GIL is sampled: without ``--gil`` a thread waiting for
+    it counts as busy, and Faust's consumer thread showed 11 to 12% of the samples while
+    ``/proc`` gave it 4 to 5% of the worker's CPU."""
 
     def __init__(self, pid: int, path: Path) -> None:
         exe = py_spy()
@@ -609,7 +612,7 @@ class _Profiler:
         self.path = path
         with (path.parent / "py-spy.log").open("ab") as log:
             self.proc = subprocess.Popen(
-                [exe, "record", "-p", str(pid), "-f", "raw", "-r", "100", "-o", str(path)],
+                [exe, "record", "-p", str(pid), "-f", "raw", "-r", "100", "--gil", "-o", str(path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
