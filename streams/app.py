@@ -859,6 +859,11 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
     records: list[Record] = []
     identity = IdentityWork()
     event_of_partition = {e.message.partition: e for e in events}
+    # The intake acknowledges a batch's events once it is computed, before its sends are done:
+    # one more reference on each, dropped after them (dead letters, identity links and ticks
+    # have no other), so nothing is committed before what it produced is on the broker.
+    for e in events:
+        e.message.incref()
     for e in await admitted(persona, events):
         message = e.message
         if message.topic == ticks_topic:
@@ -968,7 +973,7 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
         erased=list(result.erasures),
         relinked=identity.relinked,
     )
-    hand_off.acknowledge = [record for record, _ in released]
+    hand_off.acknowledge = [*events, *(record.source for record, _ in released)]
 
     for (topic, outcome), count in result.counts.items():
         metrics.events.labels(topic=topic, outcome=outcome).inc(count)
@@ -1009,7 +1014,8 @@ class HandOff:
     """Produce times of the events applied (for the latency histogram)."""
     triggers: bool = False
     """Whether it sends trigger messages (for the ``trigger_produced`` latency)."""
-    acknowledge: list[Record] = field(default_factory=list)
+    acknowledge: list[EventT] = field(default_factory=list)
+    """Faust events to acknowledge once sent (one reference each)."""
     watermarks: dict[int, float] = field(default_factory=dict)
 
 
@@ -1129,8 +1135,8 @@ async def _send(persona: Persona, hand_off: HandOff) -> None:
     await asyncio.gather(write_redis(), hand_off.outbox.flush())
     if hand_off.triggers:
         metrics.observe_latency("trigger_produced", hand_off.produced_at)
-    for record in hand_off.acknowledge:
-        record.source.ack()
+    for event in hand_off.acknowledge:
+        event.ack()
     metrics.set_watermarks(hand_off.watermarks)
 
 
