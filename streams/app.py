@@ -987,7 +987,6 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
         metrics.forced_events.inc(persona.ordering.forced)
         persona.ordering.forced = 0
     set_timers_due(persona)
-    hand_off.watermarks = settled_watermarks(persona)
     await _hand_off(persona, hand_off)
 
 
@@ -1103,7 +1102,8 @@ async def _let_sends_run() -> None:
 
 
 async def _hand_off(persona: Persona, hand_off: HandOff) -> None:
-    """Start sending ``hand_off`` once the one before it is sent, and return while it is sent.
+    """Start sending ``hand_off`` once the one before it is sent, and return while it is sent;
+    the watermarks it shows once sent are those settled now (:func:`settled_watermarks`).
 
     A batch's Redis write and broker sends wait on the network (a quarter of the worker's time
     when it waited for them); meanwhile the next batch is computed. At most one hand-off is in
@@ -1112,6 +1112,7 @@ async def _hand_off(persona: Persona, hand_off: HandOff) -> None:
     in Redis and on the broker (:func:`_send`), so a crash can only re-deliver, never lose. A
     failed send stops the worker, and the batches after it are not sent.
     """
+    hand_off.watermarks = settled_watermarks(persona)
     await wait_sent(persona)
     persona.sending = asyncio.ensure_future(_or_crash(persona.app, _send(persona, hand_off)))
     await _let_sends_run()  # its first writes go out before the next batch is computed
@@ -1246,6 +1247,5 @@ async def run_due_chunk(persona: Persona, limit: int) -> int:
     if not changes.profiles and not changes.outputs.emissions and not changes.outputs.examples:
         return 0
     hand_off = await _publish(persona, changes, Outbox(persona.app.producer))
-    hand_off.watermarks = settled_watermarks(persona)
     await _hand_off(persona, hand_off)
     return len(changes.profiles)

@@ -83,6 +83,7 @@ from models import profile_codec
 from streams.app import build_engine
 from streams.clock import PartitionClocks, TimerIndex
 from streams.engine import (
+    MODELS,
     TRIGGERS_KEY,
     Outputs,
     due_limit,
@@ -411,11 +412,7 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
     writes = 0
     # The trainers' work, on the models scoring uses (the engine's trainers learn copies and
     # publish snapshots of them; the learning itself is the same).
-    trainers = {
-        "lead": TrainerState("lead", engine.lead),
-        "offers": TrainerState("offers", engine.policy),
-        "clusters": TrainerState("clusters", engine.clusters),
-    }
+    trainers = {name: TrainerState(name, engine.replica(name)) for name in MODELS}
     # The reorder buffer's work per event (heap push and pop) without its cross-batch hold: on
     # prefilled topics aiokafka hands out one partition's whole fetch at a time, so a hold until
     # every topic is caught up would release the entire log in one final batch.

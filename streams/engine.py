@@ -57,6 +57,8 @@ TRIGGER_KIND = {
 }
 """Output topic kind → the ``kind`` label of the trigger metrics."""
 MODELS = ("lead", "offers", "clusters")
+REPLICA_ATTRIBUTE = {"lead": "lead", "offers": "policy", "clusters": "clusters"}
+"""Model name → the :class:`Engine` attribute that serves its replica."""
 
 
 @dataclass(slots=True)
@@ -149,9 +151,13 @@ class Engine:
             return ProfileClusters.from_bytes(payload)
         raise KeyError(name)
 
+    def replica(self, name: str) -> Any:
+        """The replica of ``name`` served now."""
+        return getattr(self, REPLICA_ATTRIBUTE[name])
+
     def swap(self, name: str, model: Any) -> None:
         """Serve a new replica of ``name`` (from a verified snapshot)."""
-        setattr(self, {"lead": "lead", "offers": "policy", "clusters": "clusters"}[name], model)
+        setattr(self, REPLICA_ATTRIBUTE[name], model)
 
     # -- per event ---------------------------------------------------------------------------
 
