@@ -46,7 +46,7 @@ from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.errors import IllegalStateError
 from faust.streams import _current_event
 from faust.transport.drivers.aiokafka import ensure_aiokafka_TP
-from faust.types import TP, EventT
+from faust.types import TP, EventT, Message
 
 from connectors.kafka import (
     KafkaSecurity,
@@ -62,6 +62,7 @@ from models import profile_codec
 from models.config import load_config
 from models.events import Event
 from models.snapshots import SnapshotSignatureError, verify_and_load
+from streams.acks import acknowledge, hold
 from streams.api import add_routes
 from streams.clock import PartitionClocks, TimerIndex
 from streams.drain import install_batch_drain
@@ -300,8 +301,6 @@ def create_app(settings: Settings) -> Persona:
     )
     persona.offsets.install(app.consumer)
     _limit_fetch_wait(app.consumer, settings.fetch_max_wait_ms)
-    if settings.batch_drain:
-        install_batch_drain(app.consumer)
     input_names = (*settings.input_topics.values(), ticks_name, links_name)
     intake = Intake(
         input_names,
@@ -313,6 +312,8 @@ def create_app(settings: Settings) -> Persona:
         generation=lambda: app.consumer_generation_id,
     )
     intake.install(app.consumer)
+    if settings.batch_drain:
+        install_batch_drain(app.consumer, direct=intake, unread_topics=persona.offsets.topics)
 
     @app.agent(app.topic(*input_names, partitions=settings.partitions, **raw), name="ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
@@ -532,8 +533,7 @@ async def train_batch(persona: Persona, events: list[EventT]) -> None:
                 new = count - conversions_before.get((offer_id, policy), 0)
                 if new:
                     metrics.offer_conversions.labels(offer=offer_id, policy=policy).inc(new)
-        for event in events:
-            event.message.incref()  # acknowledged after the checkpoint that holds it
+        hold(e.message for e in events)  # acknowledged after the checkpoint that holds them
         persona.trainer_held += events
         publishing = any(
             should_publish(
@@ -572,8 +572,7 @@ async def _checkpoint_trainers(persona: Persona) -> None:
     # The checkpoints are on the broker before these examples are acknowledged.
     await persona.app.producer.flush()
     held, persona.trainer_held = persona.trainer_held, []
-    for event in held:
-        event.ack()
+    acknowledge(persona.app.consumer, [e.message for e in held])
 
 
 async def admitted(persona: Persona, events: list[EventT]) -> list[EventT]:
@@ -859,11 +858,9 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
     records: list[Record] = []
     identity = IdentityWork()
     event_of_partition = {e.message.partition: e for e in events}
-    # The intake acknowledges a batch's events once it is computed, before its sends are done:
-    # one more reference on each, dropped after them (dead letters, identity links and ticks
-    # have no other), so nothing is committed before what it produced is on the broker.
-    for e in events:
-        e.message.incref()
+    # The batch holds its events until its sends are done (see :func:`_send`), so nothing is
+    # committed before what it produced is on the broker.
+    hold(e.message for e in events)
     for e in await admitted(persona, events):
         message = e.message
         if message.topic == ticks_topic:
@@ -887,14 +884,15 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
     # Valid events wait for event-time order across the input topics; each holds a reference
     # on its message, so Kafka's committed offset never passes an event not yet applied.
     result = BatchResult()
-    for record, event in parse_records(
+    valid = parse_records(
         records,
         result,
         now=wall_now,
         max_event_bytes=settings.max_event_bytes,
         max_future_s=settings.max_future_s,
-    ):
-        record.source.message.incref()
+    )
+    hold(record.source.message for record, _ in valid)
+    for record, event in valid:
         persona.ordering.add(record.partition, record.topic, event["ts"], (record, event))
     await _let_sends_run()
     released: list[tuple[Record, Event]] = []
@@ -973,7 +971,8 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
         erased=list(result.erasures),
         relinked=identity.relinked,
     )
-    hand_off.acknowledge = [*events, *(record.source for record, _ in released)]
+    hand_off.acknowledge = [e.message for e in events]
+    hand_off.acknowledge += [record.source.message for record, _ in released]
 
     for (topic, outcome), count in result.counts.items():
         metrics.events.labels(topic=topic, outcome=outcome).inc(count)
@@ -1013,8 +1012,8 @@ class HandOff:
     """Produce times of the events applied (for the latency histogram)."""
     triggers: bool = False
     """Whether it sends trigger messages (for the ``trigger_produced`` latency)."""
-    acknowledge: list[EventT] = field(default_factory=list)
-    """Faust events to acknowledge once sent (one reference each)."""
+    acknowledge: list[Message] = field(default_factory=list)
+    """Faust messages to acknowledge once sent (one reference each, see :mod:`streams.acks`)."""
     watermarks: dict[int, float] = field(default_factory=dict)
 
 
@@ -1136,8 +1135,7 @@ async def _send(persona: Persona, hand_off: HandOff) -> None:
     await asyncio.gather(write_redis(), hand_off.outbox.flush())
     if hand_off.triggers:
         metrics.observe_latency("trigger_produced", hand_off.produced_at)
-    for event in hand_off.acknowledge:
-        event.ack()
+    acknowledge(persona.app.consumer, hand_off.acknowledge)
     metrics.set_watermarks(hand_off.watermarks)
 
 

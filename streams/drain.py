@@ -8,8 +8,8 @@ Faust's conversion of the records themselves.
 
 :func:`install_batch_drain` replaces that loop on one consumer with the same loop in which the
 wait covers the delivery of a whole ``getmany`` result instead of each message. Everything else
-per message is kept in the same order: the read-offset check, gap recording, the periodic commit,
-a yield to the event loop every 100 messages. What changes is only what a rebalance interrupts:
+per message is kept: the periodic commit, the read-offset check, gap recording, a yield to the
+event loop every 100 messages. What changes is only what a rebalance interrupts:
 when ``suspend_flow`` is set (or the consumer stops), the rest of that fetch is not delivered,
 where Faust would still offer each remaining message to a stream that is being torn down. Those
 messages were never acknowledged, so the seek to the committed offsets after the rebalance reads
@@ -26,8 +26,8 @@ them again (the offset guard, :mod:`streams.offsets`, holds the input topics to 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any, cast
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, Protocol, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
 
@@ -35,17 +35,38 @@ YIELD_EVERY = 100
 """Messages delivered between two returns to the event loop (Faust's own figure)."""
 
 
-def install_batch_drain(consumer: Any) -> None:
-    """Make Faust's ``consumer`` deliver each fetch under one wait (idempotent)."""
+class Direct(Protocol):
+    """Where a fetch's records of some topics go without Faust's callback (an intake)."""
+
+    topics: frozenset[str]
+
+    def put(self, message: Any) -> bool: ...  # False: full, wait for room() before the next
+
+    async def room(self) -> None: ...
+
+
+def install_batch_drain(
+    consumer: Any, direct: Direct | None = None, unread_topics: Iterable[str] = ()
+) -> None:
+    """Make Faust's ``consumer`` deliver each fetch under one wait (idempotent).
+
+    Records of ``direct``'s topics that are also ``unread_topics`` (topics whose read offsets
+    Faust does not keep: the offset guard's, :mod:`streams.offsets`) go straight to
+    ``direct.put``: of Faust's steps per message only the periodic commit applies to them, and
+    the callback's coroutine per message is saved.
+    """
+    straight = direct.topics & frozenset(unread_topics) if direct is not None else frozenset()
 
     async def batch_drain(fetcher: Any) -> None:
-        await _drain(consumer, fetcher)
+        await _drain(consumer, fetcher, direct, straight)
 
     if getattr(consumer._drain_messages, "__name__", "") != "batch_drain":
         consumer._drain_messages = batch_drain
 
 
-async def _drain(consumer: Any, fetcher: Any) -> None:
+async def _drain(
+    consumer: Any, fetcher: Any, direct: Direct | None, straight: frozenset[str]
+) -> None:
     """The fetch loop: Faust's ``_drain_messages`` with one ``wait_first`` per fetch."""
     consumer_should_stop = consumer._stopped.is_set
     fetcher_should_stop = fetcher._stopped.is_set
@@ -56,7 +77,8 @@ async def _drain(consumer: Any, fetcher: Any) -> None:
             fetched = cast(AsyncIterator[Any], consumer.getmany(timeout=1.0))
             await consumer.sleep(0)  # as Faust does: getmany may not yield on its own
             if not consumer.should_stop:
-                await consumer.wait_first(_deliver(consumer, fetched), consumer.suspend_flow)
+                delivery = _deliver(consumer, fetched, direct, straight)
+                await consumer.wait_first(delivery, consumer.suspend_flow)
             unset_flag(CONSUMER_FETCHING)
     except consumer.consumer_stopped_errors:
         if consumer.transport.app.should_stop:
@@ -75,27 +97,36 @@ async def _drain(consumer: Any, fetcher: Any) -> None:
         unset_flag(CONSUMER_FETCHING)
 
 
-async def _deliver(consumer: Any, fetched: AsyncIterator[Any]) -> None:
-    """Hand every message of one fetch to the streams (Faust's per-message steps, in order)."""
+async def _deliver(
+    consumer: Any, fetched: AsyncIterator[Any], direct: Direct | None, straight: frozenset[str]
+) -> None:
+    """Hand every message of one fetch to the streams (Faust's per-message steps, in order),
+    those of the ``straight`` topics to ``direct``."""
     callback = consumer.callback
     get_read_offset = consumer._read_offset.__getitem__
     set_read_offset = consumer._read_offset.__setitem__
     acks_enabled_for = consumer.app.topics.acks_enabled_for
     commit_every = consumer._commit_every
+    if direct is not None:
+        put, room = direct.put, direct.room
     since_yield = 0
     async for tp, message in fetched:
         since_yield += 1
         if since_yield > YIELD_EVERY:
             await asyncio.sleep(0)
             since_yield = 0
+        if commit_every is not None and consumer._n_acked >= commit_every:
+            consumer._n_acked = 0
+            await consumer.commit()
+        if message.topic in straight:
+            if not put(message):
+                await room()
+            continue
         offset = message.offset
         read_offset = get_read_offset(tp)
         if read_offset is not None and offset < read_offset:
             continue  # read already (Faust drops these too); guarded topics keep no read offset
         if read_offset and offset - read_offset > 1 and acks_enabled_for(message.topic):
             await consumer._add_gap(tp, read_offset + 1, offset)
-        if commit_every is not None and consumer._n_acked >= commit_every:
-            consumer._n_acked = 0
-            await consumer.commit()
         await callback(message)
         set_read_offset(tp, offset)

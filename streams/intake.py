@@ -11,9 +11,12 @@ filled.
 
 What Faust's path guaranteed is kept:
 
-- **acknowledgement**: every event holds one reference on its message (as the conductor's
-  delivery does) until its batch is done, so the committed offset never passes a record
-  before its batch has been processed; a batch whose consumer raised is not acknowledged;
+- **acknowledgement**: nothing is acknowledged until the batch's consumer acknowledges it (the
+  worker: once the batch's writes are sent), so the committed offset never passes a record
+  before its batch has been processed; a batch whose consumer raised is not acknowledged.
+  Faust's stream also adds each message to the consumer's set of unacknowledged messages,
+  which only ``Consumer.wait_empty`` reads: Persona turns that off (``stream_wait_empty``) and
+  waits for its own batches before a rebalance, so the intake does not keep the set;
 - **rebalances**: while flow control is suspended nothing is taken in nor handed over, and the
   batch being filled is dropped when it resumes (Faust clears its queues then too); a record
   of an older consumer generation is dropped as Faust's stream drops it: after a rebalance the
@@ -35,8 +38,6 @@ What Faust's path guaranteed is kept:
 >>> class Event:  # what Faust's app.create_event builds, reduced to what the intake uses
 ...     def __init__(self, key, value, headers, message):
 ...         self.message = message
-...     def ack(self):
-...         return self.message.ack(consumer=None)
 >>> intake = Intake({"clicks"}, max_events=2, linger_s=0.05, flow_control=flow,
 ...                 create_event=Event)
 >>> def message(offset):
@@ -48,10 +49,10 @@ What Faust's path guaranteed is kept:
 ...     batches = intake.batches()
 ...     first = await anext(batches)  # full: handed over at once
 ...     intake.put(message(2))
-...     second = await anext(batches)  # after 50 ms; the first batch is acknowledged now
-...     return [e.message.acked for e in first], [e.message.offset for e in second]
+...     second = await anext(batches)  # after 50 ms
+...     return [e.message.offset for e in first], [e.message.offset for e in second]
 >>> asyncio.run(demo())
-([True, True], [2])
+([0, 1], [2])
 """
 
 from __future__ import annotations
@@ -87,8 +88,6 @@ class Intake:
         self._generation = generation
         """The consumer's generation now (messages read before a rebalance carry an older one);
         None: no generation check (messages not read by a Faust consumer have none)."""
-        self.track: Callable[[Any], None] | None = None
-        """Faust's record of messages in flight (set by :meth:`install`)."""
         self._events: list[Any] = []
         self._first_at = 0.0
         self._started = asyncio.Event()  # an event entered an empty buffer
@@ -99,9 +98,6 @@ class Intake:
     def install(self, consumer: Any) -> None:
         """Route the records of this intake's topics from Faust's ``consumer`` to :meth:`put`;
         the rest still go to Faust's conductor (before the consumer starts)."""
-        # What Faust's stream does for each message it takes (its sensors' ``on_message_in`` is
-        # a no-op in Persona's QuietMonitor): record it as in flight until acknowledged.
-        self.track = consumer._unacked_messages.add
         to_conductor = consumer.callback
         topics, put, room = self.topics, self.put, self.room
 
@@ -122,9 +118,6 @@ class Intake:
         and the caller waits for :meth:`room` before the next one."""
         if not self._flow_control.is_active() or self._stale(message):
             return True  # a rebalance is under way or was: the record is read again after it
-        message.incref()
-        if self.track is not None:
-            self.track(message)
         events = self._events
         if not events:
             self._first_at = asyncio.get_running_loop().time()
@@ -152,8 +145,7 @@ class Intake:
         return self._generation is not None and message.generation_id != self._generation()
 
     async def batches(self) -> AsyncIterator[list[Any]]:
-        """Batches in arrival order; each batch's events are acknowledged when the consumer
-        asks for the next one (not if it raised)."""
+        """Batches in arrival order, not acknowledged: their consumer acknowledges them."""
         loop = asyncio.get_running_loop()
         while True:
             if not self._events:
@@ -178,5 +170,3 @@ class Intake:
                 if not batch:
                     continue
             yield batch
-            for event in batch:
-                event.ack()
