@@ -98,6 +98,7 @@ from streams.metrics import Metrics
 from streams.offsets import DONE, HOLD, OffsetGuard, repair_gaps
 from streams.ordering import ReorderBuffer
 from streams.outbox import Outbox
+from streams.sends import SendChain
 from streams.settings import Settings
 from streams.training import (
     TrainerState,
@@ -117,9 +118,9 @@ PRODUCE_BATCH_BYTES = 512 * 1024
 WATERMARK_KEY_PREFIX = b"\x00watermark/"
 """Table keys holding each partition's watermark (never a user id: ids are printable)."""
 ERASED_KEY_PREFIX = b"\x00erased/"
+"""Table keys marking erased users, by keyed hash of the id (the raw id is forgotten)."""
 INTERNAL_KEY_PREFIX = b"\x00"
 """Table keys of the worker's own entries; user ids are printable, so never start with NUL."""
-"""Table keys marking erased users, by keyed hash of the id (the raw id is forgotten)."""
 PARTITION_FIELD = "partition"
 TIMERS_DUE_EVERY_S = 0.5
 """How often the timer backlog gauge is counted while there is a backlog."""
@@ -127,6 +128,12 @@ IDLE_PAUSE_S = 0.005
 """Pause between two chunks of due timers while no event arrives."""
 EXAMPLES_PER_MESSAGE = 200
 """Training examples per message: well under Kafka's default 1 MB message limit."""
+PAUSE_EVERY = 250
+"""Events applied, or profiles scored, between two pauses of a batch (:func:`_let_sends_run`)."""
+LOOP_TURNS = 3
+"""Event-loop iterations a batch gives at each pause: each step of a send in flight (a reply
+read, a future resolved, the next request written) takes one, and with one per pause a send
+moved a step per stage of the batch after it."""
 
 
 @dataclass(slots=True)
@@ -172,8 +179,8 @@ class Persona:
     trainer_held: list[EventT] = field(default_factory=list)
     """Examples learned but not checkpointed yet: acknowledged by the next checkpoint."""
     trainers_checkpointed_at: float = 0.0
-    sending: asyncio.Future[None] | None = None
-    """The hand-off being sent (see :func:`_hand_off`): at most one at a time, in order."""
+    sends: SendChain = field(default_factory=SendChain)
+    """The hand-offs being sent (see :func:`_hand_off`): one after another, in order."""
 
 
 @contextlib.contextmanager
@@ -904,16 +911,19 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
     for record, _ in released:
         event_of_partition.setdefault(record.partition, record.source)
     persona.partition_events.update(event_of_partition)
-    apply_events(
-        released,
-        lambda user_id: _load(persona, user_id),
-        result,
-        dedupe_window=settings.dedupe_window,
-        affinity_half_life_s=settings.affinity_half_life_days * 86400.0,
-        after_event=engine.after_event,
-        is_erased=lambda user_id: _is_erased(persona, user_id),
-        alias_of=lambda user_id: alias_of(persona, user_id),
-    )
+    for start in range(0, len(released), PAUSE_EVERY):
+        if start:
+            await _let_sends_run()
+        apply_events(
+            released[start : start + PAUSE_EVERY],
+            lambda user_id: _load(persona, user_id),
+            result,
+            dedupe_window=settings.dedupe_window,
+            affinity_half_life_s=settings.affinity_half_life_days * 86400.0,
+            after_event=engine.after_event,
+            is_erased=lambda user_id: _is_erased(persona, user_id),
+            alias_of=lambda user_id: alias_of(persona, user_id),
+        )
     for partition, max_ts in result.max_ts.items():
         clocks.observe(partition, max_ts, wall_now)
     outbox = Outbox(persona.app.producer)
@@ -1036,8 +1046,11 @@ async def _publish(
     changed, partition_of = changes.profiles, changes.partition_of
     outputs = changes.outputs
     now_of = {u: now_for(p, clocks.watermark(partition_of[u])) for u, p in changed.items()}
-    outputs.extend(engine.score(changed, now_of))
-    await _let_sends_run()
+    users = list(changed)
+    for start in range(0, len(users), PAUSE_EVERY):
+        part = {user_id: changed[user_id] for user_id in users[start : start + PAUSE_EVERY]}
+        outputs.extend(engine.score(part, now_of))  # each profile is scored on its own
+        await _let_sends_run()
 
     by_partition: dict[int, list[str]] = {}
     for user_id, profile in changed.items():
@@ -1094,26 +1107,27 @@ async def _publish(
 
 
 async def _let_sends_run() -> None:
-    """Give the event loop a turn inside a batch, so the previous batch's sends move on (a
-    Redis reply read, the changelog sent once the broker took the messages) while this one is
-    computed; without it each step of theirs would wait for the whole batch."""
-    await asyncio.sleep(0)
+    """Give the event loop a few turns inside a batch, so the sends in flight move on (a Redis
+    reply read, the changelog sent once the broker took the messages) while this batch is
+    computed; without them each step of theirs would wait for the whole batch."""
+    for _ in range(LOOP_TURNS):
+        await asyncio.sleep(0)
 
 
 async def _hand_off(persona: Persona, hand_off: HandOff) -> None:
-    """Start sending ``hand_off`` once the one before it is sent, and return while it is sent;
-    the watermarks it shows once sent are those settled now (:func:`settled_watermarks`).
+    """Hand ``hand_off`` over for sending after the ones before it, and return while it is
+    sent; the watermarks it shows once sent are those settled now (:func:`settled_watermarks`).
 
     A batch's Redis write and broker sends wait on the network (a quarter of the worker's time
-    when it waited for them); meanwhile the next batch is computed. At most one hand-off is in
-    flight, so sends keep their order (Redis writes, table changelogs, outputs) and at most
-    one batch waits behind another; a batch's events are acknowledged only once its writes are
-    in Redis and on the broker (:func:`_send`), so a crash can only re-deliver, never lose. A
-    failed send stops the worker, and the batches after it are not sent.
+    when it waited for them); meanwhile the next batch is computed. Sends go one after another
+    (:class:`~streams.sends.SendChain`), so they keep their order (Redis writes, table
+    changelogs, outputs), and at most two are in flight, so a batch computed sooner waits; a
+    batch's events are acknowledged only once its writes are in Redis and on the broker
+    (:func:`_send`), so a crash can only re-deliver, never lose. A failed send stops the
+    worker, and the batches behind it are not sent.
     """
     hand_off.watermarks = settled_watermarks(persona)
-    await wait_sent(persona)
-    persona.sending = asyncio.ensure_future(_or_crash(persona.app, _send(persona, hand_off)))
+    await persona.sends.submit(lambda: _or_crash(persona.app, _send(persona, hand_off)))
     await _let_sends_run()  # its first writes go out before the next batch is computed
 
 
@@ -1140,9 +1154,8 @@ async def _send(persona: Persona, hand_off: HandOff) -> None:
 
 
 async def wait_sent(persona: Persona) -> None:
-    """Wait until the hand-off in flight, if any, is sent (raises its error if it failed)."""
-    if persona.sending is not None:
-        await persona.sending
+    """Wait until every hand-off is sent (raises the last one's error if it failed)."""
+    await persona.sends.wait()
 
 
 async def settle(persona: Persona) -> None:
