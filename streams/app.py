@@ -1,15 +1,16 @@
 """The Faust app: topics, the profiles table, the ingest agent, ticks and the web views.
 
 One agent consumes the four input topics (and the internal ticks topic) together, in batches
-(``take_events``: a batch is acknowledged only after everything it produced is on the broker, so
-a crash re-delivers it and de-duplication makes the replay harmless). Per batch it
+(from the direct intake, :mod:`streams.intake`; a batch is acknowledged only after everything it
+produced is on the broker, so a crash re-delivers it and de-duplication makes the replay
+harmless). Per batch it
 
 1. parses and folds events into profiles (``streams.ingest``), rejects to the dead-letter topic,
 2. scores the changed profiles on this worker's model replicas (``streams.engine``),
 3. advances each partition's event-time watermark,
 4. writes each changed profile once to the changelog-backed table and once to Redis (one
-   pipeline), and sends the trigger messages: these sends go on while the next batch is
-   computed (:func:`_hand_off`), and the batch is acknowledged once they are done.
+   pipeline), and sends the trigger messages: these sends go on, in order, while the next
+   batch is computed (:func:`_hand_off`), and the batch is acknowledged once they are done.
 
 Timers that came due (abandoned carts, label horizons, attribution windows) run between batches
 (:func:`run_due_timers`), a chunk at a time, so a burst of deadlines never holds events back.
