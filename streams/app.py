@@ -765,6 +765,7 @@ def _stitch_identities(
         result.partition_of,
         load,
         partial(_is_erased, persona),
+        write,
     )
     run_unlinks(persona, identity, write)
 

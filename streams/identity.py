@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from models import profile_codec
 from models.events import ERASURE_REQUESTED, Event
 from models.features import new_profile
 from models.identity import MERGED_FROM_KEY, already_merged, merge_profiles, record_merged
@@ -160,8 +161,15 @@ def run_merges(
     partition_of: dict[str, int],
     load: Callable[[str], dict[str, Any] | None],
     is_erased: Callable[[str], bool],
+    write: TableWrite,
 ) -> None:
-    """Step 2 on the user's partition: fold the anonymous profile into the user's."""
+    """Step 2 on the user's partition: fold the anonymous profile into the user's.
+
+    An anonymous id without events of its own (a login's identify, most often) brings nothing
+    to fold: the user's stored profile only notes the id, written back as it is, neither scored
+    nor sent to Redis again (nothing they show changed); a profile this batch changes anyway
+    takes the note along.
+    """
     settings = persona.settings
     for anonymous_id, user_id, anonymous, partition in work.merges:
         if is_erased(user_id):
@@ -170,12 +178,16 @@ def run_merges(
         known = changed.get(user_id) or load(user_id)
         if known is not None and already_merged(known, anonymous_id):
             continue
-        if anonymous is None:  # the anonymous id had no events: only the link is kept
+        persona.metrics.identity_links.labels(step=MERGE).inc()
+        if anonymous is None:
+            if known is not None and user_id not in changed:
+                record_merged(known, anonymous_id)
+                write(partition, user_id.encode(), profile_codec.encode(known))
+                continue
             merged = known if known is not None else new_profile(user_id)
             record_merged(merged, anonymous_id)
             changed[user_id] = merged
             partition_of[user_id] = partition
-            persona.metrics.identity_links.labels(step=MERGE).inc()
             continue
         merged = merge_profiles(
             known,
@@ -187,7 +199,6 @@ def run_merges(
         persona.engine.merge_state(merged, anonymous)
         changed[user_id] = merged
         partition_of[user_id] = partition
-        persona.metrics.identity_links.labels(step=MERGE).inc()
 
 
 def run_unlinks(persona: Persona, work: IdentityWork, write: TableWrite) -> None:

@@ -485,3 +485,80 @@ def test_identify_merges_the_anonymous_profile_and_both_ids_reach_it(engine, red
         last[record.key] = record.value
     assert all(value is None for key, value in last.items() if anon.encode() in key)
     assert last[user.encode()] is None
+
+
+def test_a_login_with_an_id_that_had_no_events_only_notes_the_id(engine, redis_client) -> None:
+    """The identify of an anonymous id without events of its own (the common login): the
+    claim finds no profile to move, so the merge only notes the id in the user's stored
+    profile; the user is not scored or written to Redis a second time, and a second login with
+    the same id claims nothing."""
+    from streams.backtest import read_topic_records
+    from streams.bench import gauge
+
+    settings, worker = engine
+    user, anon = "it-hana", "anon-hana-2"
+    assert partition_of(user, settings.partitions) != partition_of(anon, settings.partitions)
+    send(
+        settings,
+        [clickstream(settings, event(user, "Product Viewed", "h1", "2024-03-01T10:00:00Z"))],
+    )
+    wait_until(lambda: profile(redis_client, user).get("events") == "1", what="known profile")
+
+    def counts() -> tuple[int, int, int, int]:
+        text = worker.scrape() or ""
+        links = {
+            step: sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(f'persona_identity_links_total{{step="{step}"}}')
+            )
+            for step in ("claim", "merge")
+        }
+        writes = gauge(text, "persona_profile_writes_total")
+        fired = gauge(text, "persona_timers_fired_total")
+        return int(links["claim"]), int(links["merge"]), writes, fired
+
+    markers = iter(range(1, 10))
+
+    def settled() -> None:
+        # A marker user's event after the links' last hop: once it is in Redis, the batches
+        # before it are counted.
+        marker = f"it-marker-h{next(markers)}"
+        send(
+            settings,
+            [
+                clickstream(
+                    settings, event(marker, "Product Viewed", marker, "2024-03-01T10:05:00Z")
+                )
+            ],
+        )
+        wait_until(lambda: profile(redis_client, marker).get("events") == "1", what="marker")
+
+    claims, merges, writes, fired = counts()
+    identify = {
+        "type": "identify", "userId": user, "anonymousId": anon, "messageId": "h2",
+        "timestamp": "2024-03-01T10:02:00Z",
+    }  # fmt: skip
+    send(settings, [clickstream(settings, identify)])
+    wait_until(lambda: counts()[1] == merges + 1, what="the merge of the link")
+    settled()
+    wait_until(lambda: redis_client.get(f"persona:alias:{{{anon}}}") == user, what="alias key")
+    assert profile(redis_client, user)["events"] == "2"
+    after = counts()
+    assert after[0] == claims + 1
+    # The identify's own batch and the marker wrote; the merge did not (timers may have fired).
+    assert (after[2] - writes) - (after[3] - fired) == 2
+
+    changelog = asyncio.run(
+        read_topic_records(settings.broker_url, f"{settings.app_id}-profiles-changelog")
+    )
+    from models import profile_codec
+
+    stored = [r.value for r in changelog if r.key == user.encode() and r.value is not None]
+    assert profile_codec.decode(stored[-1])["merged_from"] == [anon]
+
+    second = {**identify, "messageId": "h3", "timestamp": "2024-03-01T10:03:00Z"}
+    send(settings, [clickstream(settings, second)])
+    wait_until(lambda: profile(redis_client, user).get("events") == "3", what="second login")
+    settled()
+    assert counts()[:2] == (claims + 1, merges + 1)
