@@ -59,8 +59,16 @@ class _Stage:
         self.count += 1
 
     def __contains__(self, key_hash: int) -> bool:
-        table = self.table
-        return all(table[bit >> 3] & (1 << (bit & 7)) for bit in self.positions(key_hash))
+        # positions() inlined, stopping at the first clear bit: most lookups miss, and a miss
+        # usually shows in the first two positions.
+        table, bits = self.table, self.bits
+        position, step = key_hash & 0xFFFFFFFF, (key_hash >> 32) | 1
+        for _ in range(self.hashes):
+            bit = position % bits
+            if not table[bit >> 3] & (1 << (bit & 7)):
+                return False
+            position += step
+        return True
 
 
 class KeyFilter:

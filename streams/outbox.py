@@ -17,6 +17,7 @@ work per message:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -24,6 +25,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
 from connectors.partitioner import partitions_for_keys
+from streams.sends import CHANGELOG, MESSAGES, Turn
 
 
 @dataclass
@@ -56,22 +58,49 @@ class Outbox:
         """Queue a message (``partition`` None: by key, Kafka's default partitioner)."""
         self.pending.append((topic, key, value, partition, None))
 
-    async def flush(self) -> None:
-        """Send everything queued and wait until the broker has acknowledged it.
+    async def flush(self, turn: Turn | None = None) -> Callable[[], None]:
+        """Send everything queued and wait until the broker has acknowledged it; returns what
+        records the changelog offsets in the stores (RocksDB's ``set_persisted_offset``), for
+        the caller to run when it acknowledges the batch, in batch order.
 
         Messages first, table changelog records after them: a worker killed in between has sent
         a trigger whose state change is not yet recorded, so the batch runs again and sends the
         same trigger (same idempotency key) again; the other order would record a trigger as
-        sent that never was.
+        sent that never was. With ``turn`` (:mod:`streams.sends`), each goes to the producer
+        after the previous send's, so every partition gets them in batch order.
         """
         pending, self.pending = self.pending, []
         producer = self.producer._producer  # the aiokafka producer under Faust's
         messages = [(t, k, v, p) for t, k, v, p, table in pending if table is None]
-        await send_batched(producer, messages)
+        await _in_turn(turn, MESSAGES, producer, messages)
         tables = {(t, p): table for t, k, v, p, table in pending if table is not None}
         changelog = [(t, k, v, p) for t, k, v, p, table in pending if table is not None]
-        for (topic, partition), offset in (await send_batched(producer, changelog)).items():
-            tables[(topic, partition)].data.set_persisted_offset(TP(topic, partition), offset)
+        offsets = await _in_turn(turn, CHANGELOG, producer, changelog)
+
+        def persist() -> None:
+            for (topic, partition), offset in offsets.items():
+                tables[(topic, partition)].data.set_persisted_offset(TP(topic, partition), offset)
+
+        return persist
+
+
+Appended = list[tuple[str, int, int, Any]]
+"""(topic, partition, records, future of the batch's metadata) per record batch handed over."""
+
+
+async def _in_turn(
+    turn: Turn | None,
+    stage: str,
+    producer: Any,
+    records: list[tuple[str, bytes | None, bytes | None, int | None]],
+) -> dict[tuple[str, int], int]:
+    """:func:`send_batched`, handing the records to the producer at ``stage`` of ``turn``."""
+    if turn is not None:
+        await turn.wait(stage)
+    appended = await append_batched(producer, records)
+    if turn is not None:
+        turn.passed(stage)
+    return await acknowledged(appended)
 
 
 async def send_batched(
@@ -85,13 +114,20 @@ async def send_batched(
     anyway; building the batches here skips that. ``partition`` None: by key, with the default
     partitioner (murmur2), as ``send`` would choose (for the whole batch at once).
     """
+    return await acknowledged(await append_batched(producer, messages))
+
+
+async def append_batched(
+    producer: Any, messages: list[tuple[str, bytes | None, bytes | None, int | None]]
+) -> Appended:
+    """:func:`send_batched` up to the producer taking the batches: returns their futures."""
     by_key = await _partitions_by_key(producer, messages)
     by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
     for i, (topic, key, value, partition) in enumerate(messages):
         if partition is None:
             partition = by_key[i]
         by_partition.setdefault((topic, partition), []).append((key, value))
-    sent: list[tuple[str, int, int, Any]] = []
+    sent: Appended = []
     for (topic, partition), records in by_partition.items():
         batch, count = producer.create_batch(), 0
         for key, value in records:
@@ -104,6 +140,11 @@ async def send_batched(
             count += 1
         sent.append((topic, partition, count, await producer.send_batch(
             batch, topic, partition=partition)))  # fmt: skip
+    return sent
+
+
+async def acknowledged(sent: Appended) -> dict[tuple[str, int], int]:
+    """Wait for the broker to acknowledge ``sent``: the last offset on each partition."""
     last: dict[tuple[str, int], int] = {}
     for topic, partition, count, future in sent:
         metadata = await future

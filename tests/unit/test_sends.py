@@ -1,4 +1,5 @@
-"""The send chain: order, the bound on sends in flight, and what a failed send stops."""
+"""The send chain: each stage in hand-over order, sends overlapping, the bound on sends in
+flight, and what a failed send stops."""
 
 from __future__ import annotations
 
@@ -8,33 +9,41 @@ from typing import Any
 
 import pytest
 
-from streams.sends import SendChain
+from streams.sends import CHANGELOG, MESSAGES, REDIS, SendChain, Turn
 
 
 def run(main: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(asyncio.wait_for(main(), timeout=10.0))
 
 
-def test_sends_run_one_at_a_time_in_the_order_handed_over() -> None:
+async def staged(turn: Turn, name: str, pauses: dict[str, float], log: list[str]) -> None:
+    """A send like the worker's: each stage in turn, then acknowledged after the one before."""
+    for stage in (MESSAGES, CHANGELOG, REDIS):
+        await turn.wait(stage)
+        await asyncio.sleep(pauses.get(stage, 0.0))
+        log.append(f"{name} {stage}")
+        turn.passed(stage)
+    await turn.wait_previous()
+    log.append(f"{name} acknowledged")
+
+
+def test_each_stage_and_the_acknowledgements_keep_the_hand_over_order() -> None:
     async def main() -> list[str]:
-        chain, log = SendChain(depth=2), []
-        running = 0
-
-        async def send(name: str, pause: float) -> None:
-            nonlocal running
-            running += 1
-            assert running == 1, "two sends at once"
-            log.append(name)
-            await asyncio.sleep(pause)
-            running -= 1
-
-        # The first send is the slowest: the later ones still wait for it.
-        for name, pause in (("a", 0.05), ("b", 0.0), ("c", 0.01), ("d", 0.0)):
-            await chain.submit(lambda name=name, pause=pause: send(name, pause))
+        chain, log = SendChain(depth=4), []
+        # The first send's Redis write is slow: the later ones overtake it in no stage.
+        sends = [("a", {REDIS: 0.05}), ("b", {}), ("c", {MESSAGES: 0.01}), ("d", {})]
+        for name, pauses in sends:
+            await chain.submit(
+                lambda turn, name=name, pauses=pauses: staged(turn, name, pauses, log)
+            )
         await chain.wait()
         return log
 
-    assert run(main) == ["a", "b", "c", "d"]
+    log = run(main)
+    for stage in (MESSAGES, CHANGELOG, REDIS, "acknowledged"):
+        assert [entry[0] for entry in log if entry.endswith(stage)] == ["a", "b", "c", "d"]
+    # b's messages went out while a was still writing Redis: the sends overlap.
+    assert log.index("b messages") < log.index("a redis")
 
 
 def test_a_hand_off_waits_while_depth_sends_are_in_flight() -> None:
@@ -43,7 +52,7 @@ def test_a_hand_off_waits_while_depth_sends_are_in_flight() -> None:
         release = asyncio.Event()
         in_flight_at_hand_off = []
 
-        async def blocked() -> None:
+        async def blocked(turn: Turn) -> None:
             await release.wait()
 
         for _ in range(2):
@@ -60,26 +69,30 @@ def test_a_hand_off_waits_while_depth_sends_are_in_flight() -> None:
     assert run(main) == [1, 2, 0]
 
 
-def test_a_failed_send_stops_the_ones_behind_it_and_wait_reports_the_last() -> None:
+def test_a_failed_send_stops_the_ones_behind_it_at_their_next_wait() -> None:
     async def main() -> list[str]:
-        chain, log = SendChain(depth=3), []
+        chain, log = SendChain(depth=4), []
 
-        async def fail() -> None:
+        async def fail_at_changelog(turn: Turn) -> None:
+            turn.passed(MESSAGES)
+            await asyncio.sleep(0.01)
             log.append("failed")
             raise RuntimeError("broker gone")
 
-        async def send() -> None:
-            log.append("sent")
+        async def send(turn: Turn, name: str) -> None:
+            await staged(turn, name, {}, log)
 
-        await chain.submit(fail)
-        await chain.submit(send)  # behind the failed one: never started
-        await chain.wait()  # the last one did not fail: it was not sent
-        await chain.submit(fail)
+        await chain.submit(fail_at_changelog)
+        await chain.submit(lambda turn: send(turn, "behind"))
+        await chain.submit(lambda turn: send(turn, "further"))
+        await chain.wait()  # the last one did not fail: it was abandoned
+        await chain.submit(fail_at_changelog)
         with pytest.raises(RuntimeError, match="broker gone"):
             await chain.wait()
         return log
 
-    assert run(main) == ["failed", "failed"]
+    # The sends behind passed the stage the failed one had passed, and no other.
+    assert run(main) == ["behind messages", "further messages", "failed", "failed"]
 
 
 def test_depth_below_one_is_refused() -> None:
