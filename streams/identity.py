@@ -10,7 +10,8 @@ internal topic ``<app>-identity-links`` (co-partitioned, keyed by the id whose p
    alias key ``persona:alias:{id}`` points to the user) and sends the profile on as ``merge``.
 2. ``merge`` (key: user id). The user's partition folds it in (``models.identity``): counts add,
    cart and its abandonment timer kept, consent from the known user. The profile remembers the
-   anonymous ids merged (``merged_from``), so a re-delivered merge is skipped.
+   anonymous ids merged (``merged_from``), so a re-delivered merge is skipped. An anonymous id
+   without a profile (no events of its own) is only noted there.
 3. ``forward`` (key: user id). A later event of an aliased anonymous id is sent on as this user's
    event, so events on either id reach the same profile. Its message id keeps it counted once.
 4. ``unlink`` (key: anonymous id). After the user is erased, the alias entry and key go too.
