@@ -58,7 +58,7 @@ class Outbox:
         """Queue a message (``partition`` None: by key, Kafka's default partitioner)."""
         self.pending.append((topic, key, value, partition, None))
 
-    async def flush(self, turn: Turn | None = None) -> Callable[[], None]:
+    async def flush(self, turn: Turn) -> Callable[[], None]:
         """Send everything queued and wait until the broker has acknowledged it; returns what
         records the changelog offsets in the stores (RocksDB's ``set_persisted_offset``), for
         the caller to run when it acknowledges the batch, in batch order.
@@ -66,16 +66,16 @@ class Outbox:
         Messages first, table changelog records after them: a worker killed in between has sent
         a trigger whose state change is not yet recorded, so the batch runs again and sends the
         same trigger (same idempotency key) again; the other order would record a trigger as
-        sent that never was. With ``turn`` (:mod:`streams.sends`), each goes to the producer
-        after the previous send's, so every partition gets them in batch order.
+        sent that never was. Each goes to the producer in ``turn`` (:mod:`streams.sends`): after
+        the previous send's, so every partition gets them in batch order.
         """
         pending, self.pending = self.pending, []
         producer = self.producer._producer  # the aiokafka producer under Faust's
         messages = [(t, k, v, p) for t, k, v, p, table in pending if table is None]
-        await _in_turn(turn, MESSAGES, producer, messages)
+        await send_batched(producer, messages, turn, MESSAGES)
         tables = {(t, p): table for t, k, v, p, table in pending if table is not None}
         changelog = [(t, k, v, p) for t, k, v, p, table in pending if table is not None]
-        offsets = await _in_turn(turn, CHANGELOG, producer, changelog)
+        offsets = await send_batched(producer, changelog, turn, CHANGELOG)
 
         def persist() -> None:
             for (topic, partition), offset in offsets.items():
@@ -88,23 +88,11 @@ Appended = list[tuple[str, int, int, Any]]
 """(topic, partition, records, future of the batch's metadata) per record batch handed over."""
 
 
-async def _in_turn(
-    turn: Turn | None,
-    stage: str,
-    producer: Any,
-    records: list[tuple[str, bytes | None, bytes | None, int | None]],
-) -> dict[tuple[str, int], int]:
-    """:func:`send_batched`, handing the records to the producer at ``stage`` of ``turn``."""
-    if turn is not None:
-        await turn.wait(stage)
-    appended = await append_batched(producer, records)
-    if turn is not None:
-        turn.passed(stage)
-    return await acknowledged(appended)
-
-
 async def send_batched(
-    producer: Any, messages: list[tuple[str, bytes | None, bytes | None, int | None]]
+    producer: Any,
+    messages: list[tuple[str, bytes | None, bytes | None, int | None]],
+    turn: Turn | None = None,
+    stage: str = MESSAGES,
 ) -> dict[tuple[str, int], int]:
     """Send ``(topic, key, value, partition)`` messages as one record batch per partition (more
     when one overflows the producer's batch size), in order within each partition; wait for the
@@ -112,12 +100,19 @@ async def send_batched(
 
     aiokafka's per-message ``send`` creates a future per message and appends it to a batch
     anyway; building the batches here skips that. ``partition`` None: by key, with the default
-    partitioner (murmur2), as ``send`` would choose (for the whole batch at once).
+    partitioner (murmur2), as ``send`` would choose (for the whole batch at once). With ``turn``
+    (:mod:`streams.sends`), the batches go to the producer at its ``stage``: after the previous
+    send's, and before the next send's, while the broker's acknowledgements are awaited.
     """
-    return await acknowledged(await append_batched(producer, messages))
+    if turn is not None:
+        await turn.wait(stage)
+    appended = await _append_batched(producer, messages)
+    if turn is not None:
+        turn.passed(stage)
+    return await _acknowledged(appended)
 
 
-async def append_batched(
+async def _append_batched(
     producer: Any, messages: list[tuple[str, bytes | None, bytes | None, int | None]]
 ) -> Appended:
     """:func:`send_batched` up to the producer taking the batches: returns their futures."""
@@ -143,7 +138,7 @@ async def append_batched(
     return sent
 
 
-async def acknowledged(sent: Appended) -> dict[tuple[str, int], int]:
+async def _acknowledged(sent: Appended) -> dict[tuple[str, int], int]:
     """Wait for the broker to acknowledge ``sent``: the last offset on each partition."""
     last: dict[tuple[str, int], int] = {}
     for topic, partition, count, future in sent:

@@ -93,7 +93,7 @@ class SendChain:
     """Sends started as they are handed over, each in its :class:`Turn`; at most ``depth``
     handed over and not yet finished."""
 
-    def __init__(self, depth: int = 4) -> None:
+    def __init__(self, depth: int) -> None:
         if depth < 1:
             raise ValueError("depth must be at least 1")
         self.depth = depth
