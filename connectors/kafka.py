@@ -164,15 +164,24 @@ async def produce_all(
     chunk: int = 5000,
     on_progress: Callable[[int], None] | None = None,
     rate_per_s: float | None = None,
+    in_step: bool = False,
 ) -> int:
     """Send every message, in order, acknowledged by the broker; return how many were sent.
 
     With ``rate_per_s`` the sends are paced (the demo's live traffic); without it they go as fast
     as the broker takes them. Order within a partition is kept (one in-flight batch per partition).
+
+    Across partitions, batching lets one topic's messages land before an earlier message of
+    another topic: a log produced that way while a worker reads it can be read ahead on one
+    topic, hours of event time in milliseconds (see :mod:`streams.ordering`). ``in_step`` sends
+    each message only once the one before it is acknowledged, so the broker holds a prefix of
+    ``messages`` at every moment, as sources writing live do (about a millisecond a message).
     """
+    if in_step:
+        chunk = 1
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers(broker_url),
-        linger_ms=5,
+        linger_ms=0 if in_step else 5,
         max_batch_size=256 * 1024,
         acks="all",
         enable_idempotence=False,

@@ -707,19 +707,33 @@ def consumer_lag(persona: Persona) -> dict[tuple[str, int], int]:
     return lags
 
 
-def _caught_up(persona: Persona, partition: int) -> dict[str, bool]:
-    """Per input topic: has this worker read the partition to its end (high watermark)?
+def _ends(persona: Persona, partition: int) -> dict[str, float]:
+    """The input topics this worker has read to their end (high watermark) on ``partition``,
+    each with when the consumer last fetched it (ms): how fresh that end is
+    (:mod:`streams.ordering`).
 
     Read position is the larger of the last offset this worker saw and the group's committed
-    offset (after a restart, a fully consumed partition delivers nothing and is caught up).
+    offset (after a restart, a fully consumed partition delivers nothing and is at its end).
     """
-    caught_up = {}
+    ends = {}
     for topic in persona.ordering.topics:
         highwater = _highwater(persona, topic, partition)
-        caught_up[topic] = (
-            highwater is not None and _read_position(persona, topic, partition) >= highwater
-        )
-    return caught_up
+        if highwater is None or _read_position(persona, topic, partition) < highwater:
+            continue
+        fetched_at = _fetched_at(persona, topic, partition)
+        if fetched_at is not None:
+            ends[topic] = fetched_at
+    return ends
+
+
+def _fetched_at(persona: Persona, topic: str, partition: int) -> float | None:
+    """When the consumer last had a fetch answered for the partition (ms; None: not yet)."""
+    try:
+        client = persona.app.consumer._thread._ensure_consumer()  # Faust has no accessor
+        stamp: int | None = client.last_poll_timestamp(KafkaTopicPartition(topic, partition))
+    except (AssertionError, KeyError, AttributeError, IllegalStateError):
+        return None
+    return None if stamp is None else float(stamp)
 
 
 def _load(persona: Persona, user_id: str) -> dict[str, Any] | None:
@@ -918,12 +932,20 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
         max_future_s=settings.max_future_s,
     )
     hold(record.source.message for record, _ in valid)
+    # A fetch of a record's partition answered since it arrived makes it look fetched later: a
+    # stricter condition on the topics it may pass, never a looser one.
+    fetched_at: dict[tuple[str, int], float] = {}
     for record, event in valid:
-        persona.ordering.add(record.partition, record.topic, event["ts"], (record, event))
+        where = (record.topic, record.partition)
+        stamp = fetched_at.get(where)
+        if stamp is None:
+            stamp = fetched_at[where] = _fetched_at(persona, *where) or wall_now * 1000.0
+        item = (record, event)
+        persona.ordering.add(record.partition, record.topic, event["ts"], item, fetched_at=stamp)
     await _let_sends_run()
     released: list[tuple[Record, Event]] = []
     for partition in persona.ordering.partitions():
-        released += persona.ordering.release(partition, _caught_up(persona, partition))
+        released += persona.ordering.release(partition, _ends(persona, partition))
     for record, _ in identity.forwarded:
         record.source.message.incref()  # acknowledged with the released events
     released += identity.forwarded

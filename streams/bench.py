@@ -416,7 +416,7 @@ async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throu
     # The reorder buffer's work per event (heap push and pop) without its cross-batch hold: on
     # prefilled topics aiokafka hands out one partition's whole fetch at a time, so a hold until
     # every topic is caught up would release the entire log in one final batch.
-    everything_read = dict.fromkeys(topics, True)
+    everything_read = dict.fromkeys(topics, math.inf)
 
     def load(user_id: str) -> dict[str, Any] | None:
         raw = table.get(user_id)

@@ -13,16 +13,25 @@ topics are at-least-once and consumers de-duplicate by ``idempotency_key``.
 Settings: ``live_clock=False`` (event time only, so the same log decides the same triggers) and
 ``consent_default="allow"``; at the end of each run, end-of-log ticks move every partition's
 watermark past the log's end, so every cart episode's deadline is decided.
+
+The log is produced while workers read it, one message at a time, each acknowledged before the
+next (``produce_all(in_step=True)``, as sources writing live do): the broker then holds a prefix
+of the log at every moment. A batching producer lands one topic's messages before earlier ones
+of another, hours of this log's event time apart, and a worker reading meanwhile applies them
+out of order across topics (``streams.ordering``): a trigger set that depends on when the
+producer's batches landed, in the reference run as much as in a faulty one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import socket
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +53,7 @@ from connectors.simulator import ShopperSimulator
 from streams.app import end_of_log_ticks
 from streams.backtest import read_whole_topic
 from streams.settings import Settings
-from streams.worker import WorkerProcess
+from streams.worker import WorkerProcess, ensure_topics
 from tests.conftest import engine_settings, wait_until
 
 pytestmark = pytest.mark.integration
@@ -135,7 +144,20 @@ def settings_for(
 
 
 def produce(settings: Settings, messages: list[tuple[str, bytes, bytes]]) -> None:
-    asyncio.run(produce_all(settings.broker_url, messages))
+    """Produce ``messages`` in step (module docstring); return once all are on the broker."""
+    asyncio.run(produce_all(settings.broker_url, messages, in_step=True))
+
+
+@contextlib.contextmanager
+def producing(settings: Settings, messages: list[tuple[str, bytes, bytes]]) -> Iterator[None]:
+    """:func:`produce` on a thread while the body watches the workers (a kill lands mid-stream
+    while the log is still being written); on exit, wait until it is all on the broker."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        done = pool.submit(produce, settings, messages)
+        try:
+            yield
+        finally:
+            done.result(timeout=120)
 
 
 def sample(worker: WorkerProcess, name: str, **labels: str) -> float | None:
@@ -349,8 +371,8 @@ def test_worker_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
         first.wait_serving()
         produce(settings, sim_log.to_topics(settings, half))
         wait_for_profiles(settings.redis_url, sim_log.expected(half), [first])
-        produce(settings, sim_log.to_topics(settings, second))
-        kill_mid_stream(first, [first], after=total // 2 + 100, total=total)
+        with producing(settings, sim_log.to_topics(settings, second)):
+            kill_mid_stream(first, [first], after=total // 2 + 100, total=total)
         in_redis = sum(t.events for t in redis_totals(settings.redis_url).values())
         assert total // 2 < in_redis < total, f"kill not mid-stream: {in_redis} of {total}"
 
@@ -378,6 +400,10 @@ def test_group_member_killed_survivor_takes_over_its_partitions(
 
     The survivor takes the dead member's partitions (2 s session timeout) and finishes: every
     event counts exactly once, and the abandoned-cart keys equal the fault-free reference.
+
+    The log is on the broker before the members start (both at once, so both join the first
+    generation): a takeover while input is still produced is a known open problem (README,
+    Tests), not what this test checks.
     """
     settings = settings_for(broker, redis_server, tmp_path, GROUP_DB)
     # The second member: same group and topics, its own web port and data directory.
@@ -386,20 +412,13 @@ def test_group_member_killed_survivor_takes_over_its_partitions(
         settings, web_port=free_port(), data_dir=str(tmp_path / "victim-data")
     )
     total = len(sim_log.messages)
+    asyncio.run(ensure_topics(settings))
+    produce(settings, sim_log.to_topics(settings))
     with contextlib.ExitStack() as stack:
         survivor = WorkerProcess(settings, tmp_path / "survivor.log").start()
         stack.callback(survivor.stop)
         victim = WorkerProcess(other, tmp_path / "victim.log").start()
         stack.callback(victim.stop)
-        survivor.wait_serving()
-        victim.wait_serving()
-
-        def shared() -> bool:
-            states = [survivor.readiness(), victim.readiness()]
-            return all(s and s["ready"] for s in states)
-
-        wait_until(shared, timeout=60, interval=0.3, what="both group members with partitions")
-        produce(settings, sim_log.to_topics(settings))
         kill_mid_stream(victim, [survivor, victim], after=total // 4, total=total)
         in_redis = sum(t.events for t in redis_totals(settings.redis_url).values())
         assert in_redis < total, f"kill not mid-stream: {in_redis} of {total} already in Redis"
