@@ -132,12 +132,12 @@ EXAMPLES_PER_MESSAGE = 200
 """Training examples per message: well under Kafka's default 1 MB message limit."""
 PAUSE_EVERY = 250
 """Events applied, or profiles scored, between two pauses of a batch (:func:`_let_sends_run`)."""
-EVENTS_PER_TIMER_TIME = 1.0
+EVENTS_PER_TIMER_TIME = 2.0
 """While events flow, the pause after a run of due timers, in multiples of the run's time: the
-timers get half of the worker. A third (2.0) lowered the paced p99 on a 2-core AMD EPYC box, but
-the kill-and-restart fault test then lost or added abandoned-cart triggers in 3 of 10 runs under
-load; at 1.0 the fault tests failed once in about a dozen runs: a timing dependence after a
-restart or rebalance, not found yet (README, Tests)."""
+timers get a third of the worker. A half (1.0) kept the timer stretch of a paced run as its p99
+on a 2-core AMD EPYC box (README, send chain in stages). The fault tests lost or added triggers
+at a third until their cause was found (events applied out of event-time order, README, Tests);
+since, they passed at a quarter (3.0) under three parallel loops."""
 SEND_DEPTH = 4
 """Hand-offs sent at once at most (see :func:`_hand_off`)."""
 LOOP_TURNS = 3
@@ -1218,7 +1218,7 @@ async def run_due_timers(persona: Persona) -> None:
     Events come first: a watermark that passes thousands of deadlines at once (label horizons
     and attribution windows of a busy hour) would otherwise hold a batch, and every event
     queued behind it, for seconds. A chunk takes ``PERSONA_TIMER_CHUNK`` profiles at
-    most; batches and chunks take turns on one lock, and while events flow the timers get half
+    most; batches and chunks take turns on one lock, and while events flow the timers get a third
     of the time (``EVENTS_PER_TIMER_TIME``), enough to keep pace under full load.
     """
     while True:
