@@ -14,12 +14,12 @@ Settings: ``live_clock=False`` (event time only, so the same log decides the sam
 ``consent_default="allow"``; at the end of each run, end-of-log ticks move every partition's
 watermark past the log's end, so every cart episode's deadline is decided.
 
-The log is produced while workers read it, one message at a time, each acknowledged before the
-next (``produce_all(in_step=True)``, as sources writing live do): the broker then holds a prefix
-of the log at every moment. A batching producer lands one topic's messages before earlier ones
-of another, hours of this log's event time apart, and a worker reading meanwhile applies them
-out of order across topics (``streams.ordering``): a trigger set that depends on when the
-producer's batches landed, in the reference run as much as in a faulty one.
+Where workers read the log while it is produced, it is produced one message at a time, each
+acknowledged before the next (``produce_all(in_step=True)``, as sources writing live do): the
+broker then holds a prefix of the log at every moment. A batching producer lands one topic's
+messages before earlier ones of another, hours of this log's event time apart, and a worker
+reading meanwhile applies them out of order across topics (``streams.ordering``): a trigger set
+that depends on when the producer's batches landed, in the reference run as in a faulty one.
 """
 
 from __future__ import annotations
@@ -426,9 +426,9 @@ def test_group_member_killed_survivor_takes_over_its_partitions(
     The survivor takes the dead member's partitions (2 s session timeout) and finishes: every
     event counts exactly once, and the abandoned-cart keys equal the fault-free reference.
 
-    The log is on the broker before the members start (both at once, so both join the first
-    generation): a takeover while input is still produced is a known open problem (README,
-    Tests), not what this test checks.
+    The log is on the broker before the members start (both at once, so both usually join the
+    first generation). Takeovers while the log was still produced found two bugs, one of them
+    still open (README, Tests): this test keeps its input fixed.
     """
     settings = settings_for(broker, redis_server, tmp_path, GROUP_DB)
     # The second member: same group and topics, its own web port and data directory.
