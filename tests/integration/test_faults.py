@@ -39,6 +39,7 @@ import orjson
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from connectors.embedded import (
     EmbeddedBroker,
@@ -165,12 +166,23 @@ def sample(worker: WorkerProcess, name: str, **labels: str) -> float | None:
     text = worker.scrape()
     if text is None:
         return None
-    total = 0.0
+    return sum(
+        s.value
+        for s in samples_in(text)
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def samples_in(text: str) -> Iterator[Sample]:
+    """Every sample of a /metrics text."""
     for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+        yield from family.samples
+
+
+def scraped(workers: list[WorkerProcess]) -> Iterator[Sample]:
+    """Every sample on the workers' /metrics now (none from a worker that does not answer)."""
+    for worker in workers:
+        yield from samples_in(worker.scrape() or "")
 
 
 def redis_totals(redis_url: str) -> dict[str, Totals]:
@@ -267,13 +279,11 @@ def read_to_the_end(settings: Settings, workers: list[WorkerProcess]) -> None:
     def done() -> bool:
         lags: dict[tuple[str, str], float] = {}
         held = 0.0
-        for worker in workers:
-            for family in text_string_to_metric_families(worker.scrape() or ""):
-                for s in family.samples:
-                    if s.name == "persona_consumer_lag" and s.labels["topic"] in inputs:
-                        lags[(s.labels["topic"], s.labels["partition"])] = s.value
-                    elif s.name == "persona_ordering_held_events":
-                        held += s.value
+        for s in scraped(workers):
+            if s.name == "persona_consumer_lag" and s.labels["topic"] in inputs:
+                lags[(s.labels["topic"], s.labels["partition"])] = s.value
+            elif s.name == "persona_ordering_held_events":
+                held += s.value
         every = len(inputs) * settings.partitions
         return len(lags) == every and not any(lags.values()) and not held
 
@@ -291,12 +301,11 @@ def finish_event_time(settings: Settings, workers: list[WorkerProcess], event_ti
     asyncio.run(send_to_partitions(settings.broker_url, end_of_log_ticks(settings, event_time)))
 
     def reached() -> set[str]:
-        done: set[str] = set()
-        for worker in workers:
-            for family in text_string_to_metric_families(worker.scrape() or ""):
-                for s in family.samples:
-                    if s.name == "persona_watermark_seconds" and s.value >= event_time:
-                        done.add(s.labels["partition"])
+        done = {
+            s.labels["partition"]
+            for s in scraped(workers)
+            if s.name == "persona_watermark_seconds" and s.value >= event_time
+        }
         return done if len(done) >= settings.partitions else set()
 
     wait_until(reached, timeout=60, interval=0.3, what="end-of-log ticks on every partition")
