@@ -135,6 +135,48 @@ async def first_offset_from(
         await consumer.stop()
 
 
+async def log_end_offsets(
+    broker_url: str, reported: dict[TopicPartition, int], *, timeout_s: float = 5.0
+) -> dict[TopicPartition, int]:
+    """The log end offsets of partitions whose ListOffsets answer (``end_offsets``) was
+    ``reported``: each partition's offset past its last record.
+
+    The embedded broker (Tansu) answers ListOffsets with the base offset of the partition's
+    last record batch + 1, short of the end by the rest of that batch; the high watermark of a
+    fetch response is right. So each non-empty partition is fetched once from its answer - 1
+    (inside the last batch) and the larger of the two ends kept; on Apache Kafka they agree.
+    Where no fetch answers within ``timeout_s``, the reported end stands.
+    """
+    ends = dict(reported)
+    fetch = [tp for tp, end in reported.items() if end > 0]
+    if not fetch:
+        return ends
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers(broker_url),
+        enable_auto_commit=False,
+        auto_offset_reset="latest",
+        **client_options(),
+    )
+    await consumer.start()
+    try:
+        consumer.assign(fetch)
+        for tp in fetch:
+            consumer.seek(tp, reported[tp] - 1)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        waiting = set(fetch)
+        while waiting and asyncio.get_running_loop().time() < deadline:
+            await consumer.getmany(*waiting, timeout_ms=200, max_records=1)
+            for tp in list(waiting):
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    ends[tp] = max(ends[tp], highwater)
+                    waiting.discard(tp)
+                    consumer.pause(tp)
+    finally:
+        await consumer.stop()
+    return ends
+
+
 Message = tuple[str, bytes | None, bytes]
 """(topic, key, value)."""
 

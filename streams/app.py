@@ -55,6 +55,7 @@ from connectors.kafka import (
     bootstrap_servers,
     client_options,
     configure_security,
+    log_end_offsets,
 )
 from connectors.kafka import first_offset_from as first_offset_from_broker
 from connectors.payloads import tombstone
@@ -320,6 +321,7 @@ def create_app(settings: Settings) -> Persona:
     )
     persona.offsets.install(app.consumer)
     _limit_fetch_wait(app.consumer, settings.fetch_max_wait_ms)
+    _recover_to_the_log_end(app.consumer, settings.broker_url)
     input_names = (*settings.input_topics.values(), ticks_name, links_name)
     intake = Intake(
         input_names,
@@ -440,6 +442,30 @@ def _limit_fetch_wait(consumer: Any, fetch_max_wait_ms: int) -> None:
         return client
 
     thread._create_consumer = create_consumer
+
+
+def _recover_to_the_log_end(consumer: Any, broker_url: str) -> None:
+    """Make the consumer's ``highwaters`` (where Faust's table recovery stops) the log ends.
+
+    Faust reads a changelog partition up to what ListOffsets answers; the embedded broker
+    answers the start of the last record batch + 1 (:func:`~connectors.kafka.log_end_offsets`),
+    so a recovery stopped after that batch's first record: a new owner restored a partition's
+    watermark without the profile writes of the same batch and fired their carts again, and the
+    rest of the batch waited in Faust's recovery buffer to overwrite newer values at the next
+    rebalance.
+    """
+    reported_ends = consumer.highwaters
+
+    async def highwaters(*partitions: TP) -> dict[TP, int]:
+        reported = {
+            KafkaTopicPartition(tp.topic, tp.partition): end
+            for tp, end in (await reported_ends(*partitions)).items()
+            if end is not None
+        }
+        ends = await log_end_offsets(broker_url, reported)
+        return {TP(tp.topic, tp.partition): end for tp, end in ends.items()}
+
+    consumer.highwaters = highwaters
 
 
 def ticks_topic_name(settings: Settings) -> str:
@@ -1001,13 +1027,15 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
             ),
         )
         metrics.deadletters.labels(reason=rejection.reason).inc()
+    # After the profiles in the changelog (write_last): a new owner restores the watermark and
+    # fires the timers it passed, so it must never find one without the profile writes before it.
     for partition, event in event_of_partition.items():
         watermark = clocks.watermark(partition)
         if math.isfinite(watermark) and watermark > persona.saved_watermarks.get(partition, -1.0):
             persona.saved_watermarks[partition] = watermark
             with as_current_event(event):
                 key = WATERMARK_KEY_PREFIX + str(partition).encode()
-                outbox.write(persona.profiles, partition, key, repr(watermark).encode())
+                outbox.write_last(persona.profiles, partition, key, repr(watermark).encode())
     for user_or_id, message in identity.outgoing:
         outbox.send(topic_name["identity_links"], user_or_id.encode(), orjson.dumps(message))
 

@@ -8,6 +8,10 @@ work per message:
 - a table write goes straight into the table's store (memory or RocksDB, in the partition of the
   batch event given) and queues the changelog record for that same partition, exactly the record
   Faust would have sent, so recovery and standbys read it unchanged;
+- a record that says how far the others go (a partition's event-time watermark) is written
+  with :meth:`Outbox.write_last`: its changelog record goes after every other record of its
+  partition in the flush, so a changelog cut anywhere (a worker killed between two record
+  batches of one flush) never holds it without what it covers;
 - messages for other topics are queued too;
 - :meth:`Outbox.flush` hands the messages to the aiokafka producer as one record batch per
   partition (:func:`send_batched`), waits until the broker has them, then does the same with
@@ -37,12 +41,33 @@ class Outbox:
         default_factory=list
     )
     """(topic, key, value, partition, table or None) in send order."""
+    last: list[tuple[str, bytes | None, bytes | None, int | None, Any]] = field(
+        default_factory=list
+    )
+    """Table writes whose changelog records go after all of ``pending`` (:meth:`write_last`)."""
 
     def write(self, table: Any, partition: int, key: bytes, value: bytes | None) -> None:
         """Set (``value``) or delete (None) ``key`` in ``table`` on ``partition``.
 
         The caller makes an event of ``partition`` current (RocksDB picks its database by it).
         """
+        self._write(self.pending, table, partition, key, value)
+
+    def write_last(self, table: Any, partition: int, key: bytes, value: bytes) -> None:
+        """:meth:`write`, with the changelog record sent after every other record of this
+        flush: for a record that vouches for the others (a partition's watermark says the
+        profiles hold every event before it), which a recovery must never see without them.
+        """
+        self._write(self.last, table, partition, key, value)
+
+    def _write(
+        self,
+        queue: list[tuple[str, bytes | None, bytes | None, int | None, Any]],
+        table: Any,
+        partition: int,
+        key: bytes,
+        value: bytes | None,
+    ) -> None:
         store = table.data
         if value is None:
             if key not in store:
@@ -50,7 +75,7 @@ class Outbox:
             del store[key]
         else:
             store[key] = value
-        self.pending.append((table.changelog_topic.get_topic_name(), key, value, partition, table))
+        queue.append((table.changelog_topic.get_topic_name(), key, value, partition, table))
 
     def send(
         self, topic: str, key: bytes | None, value: bytes, partition: int | None = None
@@ -69,7 +94,7 @@ class Outbox:
         sent that never was. Each goes to the producer in ``turn`` (:mod:`streams.sends`): after
         the previous send's, so every partition gets them in batch order.
         """
-        pending, self.pending = self.pending, []
+        pending, self.pending, self.last = [*self.pending, *self.last], [], []
         producer = self.producer._producer  # the aiokafka producer under Faust's
         messages = [(t, k, v, p) for t, k, v, p, table in pending if table is None]
         await send_batched(producer, messages, turn, MESSAGES)

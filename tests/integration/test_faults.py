@@ -32,6 +32,7 @@ import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ from connectors.embedded import (
     stop_process_group,
 )
 from connectors.kafka import produce_all, send_to_partitions
+from connectors.partitioner import partitions_for_keys
 from connectors.redis_cache import KEY_PREFIX, user_of_key
+from connectors.segment import partition_key, route
 from connectors.simulator import ShopperSimulator
 from streams.app import end_of_log_ticks
 from streams.backtest import read_whole_topic
@@ -63,7 +66,7 @@ USERS = 150
 DAYS = 10.0
 SEED = 11
 # Redis databases of the session server used by this module (other modules use 0-3 and 7).
-REFERENCE_DB, KILLED_DB, GROUP_DB = 10, 11, 12
+REFERENCE_DB, KILLED_DB, GROUP_DB, RECOVERY_DB = 10, 11, 12, 13
 
 
 # --------------------------------------------------------------------------- the log
@@ -462,6 +465,89 @@ def test_group_member_killed_survivor_takes_over_its_partitions(
         assert survivor.readiness() is not None and survivor.running, survivor.log_tail()
         finish_event_time(settings, [survivor], sim_log.end_time)
     assert_same_triggers(abandoned_carts(settings), reference, sim_log.timing_exempt)
+
+
+def page_views(users: int, at: float, *, first_id: int) -> list[dict[str, Any]]:
+    """One Product Viewed per user at ``at`` + its index (seconds): no timer comes due soon."""
+    return [
+        {
+            "type": "track",
+            "event": "Product Viewed",
+            "userId": f"recover-{u}",
+            "messageId": f"view-{first_id + u}",
+            "timestamp": datetime.fromtimestamp(at + u, UTC).isoformat(),
+            "properties": {"product_id": f"p-{u % 7}", "category": "shoes", "price": 30.0},
+        }
+        for u in range(users)
+    ]
+
+
+def watermarks_after(settings: Settings, payloads: list[dict[str, Any]]) -> dict[str, float]:
+    """The watermark gauge of each partition once ``payloads`` are applied (event time)."""
+    keys = [partition_key(p) for p in payloads]
+    latest: dict[str, float] = {}
+    for p, partition in zip(payloads, partitions_for_keys(keys, settings.partitions), strict=True):
+        ts = datetime.fromisoformat(p["timestamp"]).timestamp() - settings.allowed_lateness_s
+        latest[str(partition)] = max(latest.get(str(partition), ts), ts)
+    return latest
+
+
+def watermark_gauges(worker: WorkerProcess) -> dict[str, float]:
+    """persona_watermark_seconds by partition, as the worker shows them now."""
+    return {
+        s.labels["partition"]: s.value
+        for s in scraped([worker])
+        if s.name == "persona_watermark_seconds"
+    }
+
+
+def test_a_new_owner_recovers_the_table_to_the_end_of_its_changelog(
+    broker: EmbeddedBroker, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """A worker stops; a new one recovers the profiles table and restores each partition's
+    watermark exactly as the first left it.
+
+    Each batch's changelog on a partition is one record batch that ends with the partition's
+    watermark, so the last record of every partition here is a watermark: a recovery that stops
+    short of the log end (the embedded broker's ListOffsets answer is the first record of the
+    last batch) restores an older one, or none.
+    """
+    settings = settings_for(broker, redis_server, tmp_path, RECOVERY_DB)
+    start = 1_700_000_000.0
+    rounds = [page_views(40, start, first_id=0), page_views(40, start + 300.0, first_id=100)]
+    want: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        first = WorkerProcess(settings, tmp_path / "first.log").start()
+        stack.callback(first.stop)
+        first.wait_serving()
+        for payloads in rounds:  # two rounds: two batches, each ending with a watermark
+            produce(settings, [(settings.input_topics[route(p)], partition_key(p), orjson.dumps(p))
+                               for p in payloads])  # fmt: skip
+            want = watermarks_after(settings, [*rounds[0], *payloads])
+            wait_until(
+                lambda want=want: watermark_gauges(first) == want,
+                timeout=60,
+                interval=0.2,
+                what=f"the first worker's watermarks at {want}",
+                detail=lambda: f"shown {watermark_gauges(first)}",
+            )
+        assert len(want) == settings.partitions, want
+        first.stop()
+
+        second_dir = tmp_path / "second"
+        second_dir.mkdir()
+        second = WorkerProcess(
+            dataclasses.replace(settings, web_port=free_port(), data_dir=str(second_dir)),
+            tmp_path / "second.log",
+        ).start()
+        stack.callback(second.stop)
+        wait_until(
+            lambda: watermark_gauges(second) == want,
+            timeout=30,
+            interval=0.3,
+            what=f"the watermarks the first worker left ({want})",
+            detail=lambda: f"restored {watermark_gauges(second)}\n{second.log_tail(20)}",
+        )
 
 
 # --------------------------------------------------------------------------- Redis outage

@@ -18,10 +18,16 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from connectors.embedded import EmbeddedBroker, EmbeddedRedis
-from connectors.kafka import bootstrap_servers, create_topics, first_offset_from, produce_all
+from connectors.kafka import (
+    bootstrap_servers,
+    create_topics,
+    first_offset_from,
+    log_end_offsets,
+    produce_all,
+)
 from connectors.redis_cache import profile_key
 from connectors.segment import decode_dead_letter
 from streams.settings import Settings
@@ -353,6 +359,44 @@ def test_first_offset_from_tells_a_missing_offset_from_a_hole(broker: EmbeddedBr
     assert asyncio.run(first_offset_from(broker.url, topic, 0, 3, timeout_s=0.5)) is None
 
 
+def test_log_end_offsets_are_past_the_last_record_of_a_batch(broker: EmbeddedBroker) -> None:
+    """Where a table recovery must stop: the embedded broker's ListOffsets answer stops at the
+    first record of the last record batch; the log end is past all of it."""
+    from aiokafka import AIOKafkaProducer
+
+    topic = "log-end-probe"
+    asyncio.run(create_topics(broker.url, [topic], partitions=3))
+    batches = {0: [1, 5], 1: [4]}  # records per record batch; partition 2 stays empty
+
+    async def produce_and_probe() -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(broker.url))
+        await producer.start()
+        try:
+            for partition, sizes in batches.items():
+                for size in sizes:
+                    batch = producer.create_batch()
+                    for i in range(size):
+                        batch.append(key=None, value=b"%d" % i, timestamp=None)
+                    await (await producer.send_batch(batch, topic, partition=partition))
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(broker.url))
+        await consumer.start()
+        try:
+            reported = await consumer.end_offsets([TopicPartition(topic, p) for p in range(3)])
+        finally:
+            await consumer.stop()
+        return reported, await log_end_offsets(broker.url, reported)
+
+    reported, ends = asyncio.run(produce_and_probe())
+    assert ends == {
+        TopicPartition(topic, 0): 6,
+        TopicPartition(topic, 1): 4,
+        TopicPartition(topic, 2): 0,
+    }
+    assert all(reported[tp] <= end for tp, end in ends.items()), reported
+
+
 def test_send_batched_keeps_order_partitioning_and_reports_last_offsets(
     broker: EmbeddedBroker,
 ) -> None:
@@ -391,6 +435,51 @@ def test_send_batched_keeps_order_partitioning_and_reports_last_offsets(
         assert [r.value for r in in_p] == sent_in_order
         if in_p:
             assert last[(topic, p)] == in_p[-1].offset
+
+
+def test_outbox_sends_a_write_last_record_after_every_other_record_of_its_partition(
+    broker: EmbeddedBroker,
+) -> None:
+    """A partition's watermark reaches the changelog after the profile writes it vouches for,
+    however the flush splits into record batches: a changelog cut anywhere (a worker killed
+    between two record batches of one flush) never holds it without them."""
+    from types import SimpleNamespace
+
+    import faust
+    from aiokafka import AIOKafkaProducer
+
+    from streams.backtest import read_topic_records
+    from streams.outbox import Outbox
+    from streams.sends import Turn
+
+    app = faust.App("outbox-order", broker=broker.url, store="memory://", autodiscover=False)
+    table = app.Table("profiles", partitions=2, key_type=bytes, value_type=bytes)
+    changelog = table.changelog_topic.get_topic_name()
+    asyncio.run(create_topics(broker.url, [changelog], partitions=2))
+    marker = (b"\x00watermark/1", b"1700000000.0")
+
+    async def flush() -> None:
+        # A 2 KiB batch holds a few of these records: partition 1's flush spans several.
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers(broker.url), max_batch_size=2048
+        )
+        await producer.start()
+        try:
+            outbox = Outbox(SimpleNamespace(_producer=producer))  # Faust's producer holds it so
+            outbox.write_last(table, 1, *marker)  # written first, sent last
+            for i in range(30):
+                outbox.write(table, i % 2, b"user-%02d" % i, b"%02d" % i + b"." * 300)
+            (await outbox.flush(Turn(None)))()
+        finally:
+            await producer.stop()
+
+    asyncio.run(flush())
+    records = asyncio.run(read_topic_records(broker.url, changelog))
+    in_1 = [(r.key, r.value) for r in records if r.partition == 1]
+    assert in_1[-1] == marker
+    assert [key for key, _ in in_1[:-1]] == [b"user-%02d" % i for i in range(1, 30, 2)]
+    assert len([r for r in records if r.partition == 0]) == 15
+    assert table.data[marker[0]] == marker[1] and table.data[b"user-07"].startswith(b"07.")
 
 
 def _expected_partition(key: bytes, pinned: int | None) -> int:
