@@ -402,6 +402,7 @@ def create_app(settings: Settings) -> Persona:
             persona.saved_watermarks.pop(tp.partition, None)
             persona.ordering.forget(tp.partition)
             persona.offsets.forget(tp)
+        metrics.forget_partitions((tp.topic, tp.partition) for tp in revoked)
 
     add_routes(app, cache=cache, metrics=metrics, segment_definitions=engine.segmenter.definitions)
 
@@ -456,14 +457,15 @@ def _recover_to_the_log_end(consumer: Any, broker_url: str) -> None:
     """
     reported_ends = consumer.highwaters
 
-    async def highwaters(*partitions: TP) -> dict[TP, int]:
+    async def highwaters(*partitions: TP) -> dict[TP, int | None]:
+        answered = await reported_ends(*partitions)
         reported = {
             KafkaTopicPartition(tp.topic, tp.partition): end
-            for tp, end in (await reported_ends(*partitions)).items()
+            for tp, end in answered.items()
             if end is not None
         }
         ends = await log_end_offsets(broker_url, reported)
-        return {TP(tp.topic, tp.partition): end for tp, end in ends.items()}
+        return {tp: ends.get(KafkaTopicPartition(tp.topic, tp.partition)) for tp in answered}
 
     consumer.highwaters = highwaters
 

@@ -321,6 +321,23 @@ class Metrics:
         for partition, value in watermarks.items():
             self.watermark.labels(partition=str(partition)).set(value)
 
+    def forget_partitions(self, partitions: Iterable[tuple[str, int]]) -> None:
+        """Drop the lag and watermark series of ``(topic, partition)`` pairs that moved to
+        another worker: frozen at their last value here, they would show two owners.
+
+        >>> metrics = Metrics()
+        >>> metrics.set_consumer_lag({("clicks", 0): 5, ("clicks", 1): 2})
+        >>> metrics.set_watermarks({0: 10.0, 1: 12.0})
+        >>> metrics.forget_partitions([("clicks", 1)])
+        >>> sorted(s.labels["partition"] for s in metrics.consumer_lag.collect()[0].samples)
+        ['0']
+        >>> sorted(s.labels["partition"] for s in metrics.watermark.collect()[0].samples)
+        ['0']
+        """
+        for topic, partition in partitions:
+            self.consumer_lag.remove(topic, str(partition))
+            self.watermark.remove(str(partition))
+
     def snapshot_loaded(self, model: str, *, version: int, published_at: float) -> None:
         """A replica of ``model`` now runs snapshot ``version``, published at ``published_at``."""
         self.snapshot_version.labels(model=model).set(version)

@@ -426,6 +426,17 @@ def test_worker_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
     assert_same_triggers(abandoned_carts(settings), reference, sim_log.timing_exempt)
 
 
+def owned_input_partitions(worker: WorkerProcess, settings: Settings) -> set[str]:
+    """The input partitions whose lag the worker shows: those it owns (a worker drops the
+    series of a partition that moves away)."""
+    inputs = set(settings.input_topics.values())
+    return {
+        s.labels["partition"]
+        for s in scraped([worker])
+        if s.name == "persona_consumer_lag" and s.labels["topic"] in inputs
+    }
+
+
 def test_group_member_killed_survivor_takes_over_its_partitions(
     broker: EmbeddedBroker,
     redis_server: EmbeddedRedis,
@@ -433,14 +444,12 @@ def test_group_member_killed_survivor_takes_over_its_partitions(
     reference: list[dict[str, Any]],
     tmp_path: Path,
 ) -> None:
-    """Two workers share 4 partitions; one is SIGKILLed while both consume ~3,500 events.
+    """Two workers share 4 partitions; one is SIGKILLed while both consume ~3,500 events that
+    are still being produced, as input flows during a takeover in production.
 
     The survivor takes the dead member's partitions (2 s session timeout) and finishes: every
     event counts exactly once, and the abandoned-cart keys equal the fault-free reference.
-
-    The log is on the broker before the members start (both at once, so both usually join the
-    first generation). Takeovers while the log was still produced found two bugs, one of them
-    still open (README, Tests): this test keeps its input fixed.
+    The log starts once each member owns partitions, so both consume before the kill.
     """
     settings = settings_for(broker, redis_server, tmp_path, GROUP_DB)
     # The second member: same group and topics, its own web port and data directory.
@@ -450,13 +459,20 @@ def test_group_member_killed_survivor_takes_over_its_partitions(
     )
     total = len(sim_log.messages)
     asyncio.run(ensure_topics(settings))
-    produce(settings, sim_log.to_topics(settings))
     with contextlib.ExitStack() as stack:
         survivor = WorkerProcess(settings, tmp_path / "survivor.log").start()
         stack.callback(survivor.stop)
         victim = WorkerProcess(other, tmp_path / "victim.log").start()
         stack.callback(victim.stop)
-        kill_mid_stream(victim, [survivor, victim], after=total // 4)
+
+        def shared() -> bool:
+            mine, theirs = (owned_input_partitions(w, settings) for w in (survivor, victim))
+            every = mine | theirs
+            return bool(mine and theirs) and not mine & theirs and len(every) == settings.partitions
+
+        wait_until(shared, timeout=60, interval=0.3, what="both members owning input partitions")
+        with producing(settings, sim_log.to_topics(settings)):
+            kill_mid_stream(victim, [survivor, victim], after=total // 4)
         in_redis = sum(t.events for t in redis_totals(settings.redis_url).values())
         assert in_redis < total, f"kill not mid-stream: {in_redis} of {total} already in Redis"
 
