@@ -117,13 +117,7 @@ async def first_offset_from(
     An answer past ``offset`` proves the offsets between hold no message (transaction markers,
     records deleted by retention), unlike offsets a consumer merely did not receive.
     """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers(broker_url),
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        **client_options(),
-    )
-    await consumer.start()
+    consumer = await _probe(broker_url, auto_offset_reset="earliest")
     try:
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
@@ -151,13 +145,7 @@ async def log_end_offsets(
     fetch = [tp for tp, end in reported.items() if end > 0]
     if not fetch:
         return ends
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers(broker_url),
-        enable_auto_commit=False,
-        auto_offset_reset="latest",
-        **client_options(),
-    )
-    await consumer.start()
+    consumer = await _probe(broker_url, auto_offset_reset="latest")
     try:
         consumer.assign(fetch)
         for tp in fetch:
@@ -175,6 +163,18 @@ async def log_end_offsets(
     finally:
         await consumer.stop()
     return ends
+
+
+async def _probe(broker_url: str, *, auto_offset_reset: str) -> AIOKafkaConsumer:
+    """A started consumer outside any group, for reading a few offsets (caller stops it)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers(broker_url),
+        enable_auto_commit=False,
+        auto_offset_reset=auto_offset_reset,
+        **client_options(),
+    )
+    await consumer.start()
+    return consumer
 
 
 Message = tuple[str, bytes | None, bytes]
