@@ -117,7 +117,7 @@ async def first_offset_from(
     An answer past ``offset`` proves the offsets between hold no message (transaction markers,
     records deleted by retention), unlike offsets a consumer merely did not receive.
     """
-    consumer = await _probe(broker_url, auto_offset_reset="earliest")
+    consumer = await probe_consumer(broker_url, auto_offset_reset="earliest")
     try:
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
@@ -145,7 +145,7 @@ async def log_end_offsets(
     fetch = [tp for tp, end in reported.items() if end > 0]
     if not fetch:
         return ends
-    consumer = await _probe(broker_url, auto_offset_reset="latest")
+    consumer = await probe_consumer(broker_url, auto_offset_reset="latest")
     try:
         consumer.assign(fetch)
         for tp in fetch:
@@ -165,7 +165,7 @@ async def log_end_offsets(
     return ends
 
 
-async def _probe(broker_url: str, *, auto_offset_reset: str) -> AIOKafkaConsumer:
+async def probe_consumer(broker_url: str, *, auto_offset_reset: str) -> AIOKafkaConsumer:
     """A started consumer outside any group, for reading a few offsets (caller stops it)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers(broker_url),

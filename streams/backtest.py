@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from connectors.kafka import bootstrap_servers, client_options, produce_all, send_to_partitions
+from connectors.kafka import probe_consumer, produce_all, send_to_partitions
 from connectors.redis_cache import ProfileCache, user_of_key
 from connectors.replay import ReplayMessage, read_log, stream_of
 from connectors.segment import Rejection, parse_event
@@ -160,12 +160,7 @@ async def read_whole_topic(broker_url: str, topic: str) -> list[bytes]:
 
 async def read_topic_records(broker_url: str, topic: str) -> list[ConsumerRecord[Any, Any]]:
     """Every record (key, value, partition, offset) of ``topic``, in (partition, offset) order."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers(broker_url),
-        enable_auto_commit=False,
-        **client_options(),
-    )
-    await consumer.start()
+    consumer = await probe_consumer(broker_url, auto_offset_reset="latest")
     try:
         await consumer.topics()  # refreshes the cluster metadata
         partitions = consumer.partitions_for_topic(topic) or set()

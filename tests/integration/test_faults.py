@@ -532,6 +532,7 @@ def test_a_new_owner_recovers_the_table_to_the_end_of_its_changelog(
     start = 1_700_000_000.0
     rounds = [page_views(40, start, first_id=0), page_views(40, start + 300.0, first_id=100)]
     want: dict[str, float] = {}
+    sent: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         first = WorkerProcess(settings, tmp_path / "first.log").start()
         stack.callback(first.stop)
@@ -539,7 +540,8 @@ def test_a_new_owner_recovers_the_table_to_the_end_of_its_changelog(
         for payloads in rounds:  # two rounds: two batches, each ending with a watermark
             produce(settings, [(settings.input_topics[route(p)], partition_key(p), orjson.dumps(p))
                                for p in payloads])  # fmt: skip
-            want = watermarks_after(settings, [*rounds[0], *payloads])
+            sent += payloads
+            want = watermarks_after(settings, sent)
             wait_until(
                 lambda want=want: watermark_gauges(first) == want,
                 timeout=60,
