@@ -16,8 +16,9 @@ ordering within 7 days (from the type's parameters and the user's activity level
 offer of :data:`OFFER_IDS` for its type (the oracle for the bandit).
 
 Everything is a pure function of the seed: private ``random.Random`` instances seeded from it,
-event times derived from ``start`` (never the wall clock), ``messageId`` = ``sim-<seed>-<n>`` in
-emission order. Generation is a discrete-event simulation: a heap of session starts and
+event times derived from ``start`` (never the wall clock), ``messageId`` = ``sim-<seed>-<n>-`` in
+emission order followed by 32 random hex digits (128 bits, as random as the UUIDs real libraries
+send). Generation is a discrete-event simulation: a heap of session starts and
 newsletter sends, and per-minute buckets of generated events that are sorted and emitted once
 the simulation clock has passed them, so memory is bounded by what is in flight, not by
 ``users * days``. Users without email consent receive no email; Unsubscribed stops it.
@@ -33,7 +34,7 @@ u00002 window_shopper bundle_deal 0.001578
 (32, 'identify', {'email': True, 'advertising': True})
 >>> view = next(e for e in events if e.get("event") == "Product Viewed")
 >>> view["messageId"], view["userId"], view["timestamp"]
-('sim-4-9', 'u00001', '2023-11-15T12:43:01.734Z')
+('sim-4-9-1b1448472d36c4adfbc69ef6de41c40c', 'u00001', '2023-11-15T12:43:01.734Z')
 >>> view["properties"]
 {'product_id': 'p-2013', 'price': 44.99, 'category': 'home', 'name': 'Vase 14'}
 >>> list(sim.events()) == events  # same seed, same stream
@@ -518,6 +519,12 @@ class ShopperSimulator:
         push = heapq.heappush
         counter = itertools.count()
         prefix = f"sim-{self.seed}-"
+        # Random like the UUIDs Segment's and RudderStack's libraries send (a stored profile
+        # remembers its last ids, and a counter alone would compress to almost nothing).
+        id_bits = random.Random(f"persona-simulator:{self.seed}:message-ids").getrandbits
+
+        def message_id() -> str:
+            return f"{prefix}{next(counter)}-{id_bits(128):032x}"
         esp = _ESP_LIBRARY
         lib_name, esp_name, version = _LIBRARY["name"], esp["name"], _LIBRARY["version"]
         # Every event is generated at or after the agenda time that produced it, so when the
@@ -546,7 +553,7 @@ class ShopperSimulator:
                     timestamp = f"{head}{secs:02d}.{ms:03d}Z"
                     if not identified[ui_e]:
                         identified[ui_e] = 1
-                        yield self._identify(users[ui_e], f"{prefix}{next(counter)}", timestamp)
+                        yield self._identify(users[ui_e], message_id(), timestamp)
                     if ctx is None:
                         context: dict[str, Any] = {
                             "library": {"name": lib_name, "version": version}
@@ -563,7 +570,7 @@ class ShopperSimulator:
                         "event": name,
                         "userId": user_ids[ui_e],
                         "anonymousId": anonymous_ids[ui_e],
-                        "messageId": f"{prefix}{next(counter)}",
+                        "messageId": message_id(),
                         "timestamp": timestamp,
                         "properties": props,
                         "context": context,

@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from models import dedupe
 from models.features import (
     DEFAULT_AFFINITY_HALF_LIFE_S,
     MAX_CART_LINES,
@@ -121,10 +122,9 @@ def merge_profiles(
     _merge_consent(merged, anonymous)
     _merge_cart(merged, anonymous)
     _merge_affinity(merged, anonymous, affinity_half_life_s)
-    seen = list(merged.get("seen", []))
-    known_ids = set(seen)
-    seen += [m for m in anonymous.get("seen", []) if m not in known_ids]
-    merged["seen"] = seen[-dedupe_window:]
+    merged["seen"] = dedupe.merged(
+        merged.get("seen", []), anonymous.get("seen", []), window=dedupe_window
+    )
     record_merged(merged, anonymous["user_id"])
     return merged
 

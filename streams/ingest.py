@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from connectors.segment import Rejection, parse_event
+from models.dedupe import as_digests, remember
 from models.events import ERASURE_REQUESTED, Event
 from models.features import apply_event, new_profile
 
@@ -137,14 +138,14 @@ def apply_events(
                     counts[(record.topic, "forwarded")] += 1
                     continue
                 profile = new_profile(user_id)
-        seen: list[str] = profile.setdefault(SEEN_KEY, [])
-        message_id = parsed["message_id"]
-        if message_id in seen:
+        seen = profile.get(SEEN_KEY)
+        if seen is None:
+            seen = profile[SEEN_KEY] = []
+        elif seen and type(seen[-1]) is not int:  # stored before digests
+            seen = profile[SEEN_KEY] = as_digests(seen)
+        if not remember(seen, parsed["message_id"], window=dedupe_window):
             counts[(record.topic, "duplicate")] += 1
             continue
-        seen.append(message_id)
-        if len(seen) > dedupe_window:
-            del seen[: len(seen) - dedupe_window]
         apply_event(profile, parsed, affinity_half_life_s=affinity_half_life_s)
         if after_event is not None:
             after_event(profile, parsed)

@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from connectors.segment import BAD_FIELD, Rejection, parse_event
+from models.dedupe import as_digests
 from models.features import new_profile
 from models.identity import MAX_MERGED_IDS, already_merged, merge_profiles
 
@@ -64,10 +65,10 @@ def test_affinities_decay_to_a_common_time() -> None:
 
 
 def test_seen_ids_and_merged_ids_are_kept_bounded() -> None:
-    known = profile("u", seen=["m1", "m2"])
-    anon = profile("a", seen=["m2", "m3"])
+    known = profile("u", seen=as_digests(["m1", "m2"]))
+    anon = profile("a", seen=["m2", "m3"])  # stored before digests
     merged = merge_profiles(known, anon, dedupe_window=3)
-    assert merged["seen"] == ["m1", "m2", "m3"]
+    assert merged["seen"] == as_digests(["m1", "m2", "m3"])
     assert already_merged(merged, "a") and not already_merged(merged, "b")
     for i in range(MAX_MERGED_IDS + 5):
         merged = merge_profiles(merged, profile(f"a{i}"))

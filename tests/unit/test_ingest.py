@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 
+from models.dedupe import as_digests
 from streams.ingest import SEEN_KEY, Record, ingest_batch
 
 NOW = 1_800_000_000.0
@@ -51,7 +52,7 @@ def test_duplicates_across_batches_count_once_through_the_stored_profile() -> No
 def test_dedupe_memory_is_bounded_per_user() -> None:
     values = [raw("u", f"m{i}") for i in range(50)]
     result = ingest_batch(records(*values), lambda _: None, now=NOW, dedupe_window=10)
-    assert result.changed["u"][SEEN_KEY] == [f"m{i}" for i in range(40, 50)]
+    assert result.changed["u"][SEEN_KEY] == as_digests([f"m{i}" for i in range(40, 50)])
 
 
 def test_rejects_are_kept_with_their_record_and_do_not_stop_the_batch() -> None:
@@ -64,3 +65,11 @@ def test_rejects_are_kept_with_their_record_and_do_not_stop_the_batch() -> None:
     assert sorted(result.changed) == ["u", "v"]
     assert result.counts == {("clickstream", "ok"): 2, ("clickstream", "deadletter"): 2}
     assert result.partition_of == {"u": 0, "v": 0}
+
+
+def test_a_profile_stored_with_message_id_strings_still_drops_their_re_delivery() -> None:
+    stored = {"u": ingest_batch(records(raw("u", "m1")), lambda _: None, now=NOW).changed["u"]}
+    stored["u"][SEEN_KEY] = ["m0", "m1"]  # how profiles kept their ids before digests
+    again = ingest_batch(records(raw("u", "m1"), raw("u", "m2")), stored.get, now=NOW)
+    assert again.counts == {("clickstream", "duplicate"): 1, ("clickstream", "ok"): 1}
+    assert again.changed["u"][SEEN_KEY] == as_digests(["m0", "m1", "m2"])
