@@ -8,7 +8,7 @@ the replay speed. In live mode a partition that receives no events still moves o
 shop still gets its abandoned-cart emails.
 
 Deadlines themselves live in the profiles (changelog-backed), so they survive restarts and
-rebalances; :class:`TimerIndex` is only an in-memory heap over them, rebuilt from the table when a
+rebalances; :class:`TimerIndex` is only an in-memory index over them, rebuilt from the table when a
 partition is (re)assigned, and checked lazily: an entry is a hint to look at the profile again,
 not a promise.
 
@@ -92,87 +92,140 @@ class PartitionClocks:
 
 
 class TimerIndex:
-    """Min-heaps of (due, user id) per partition: which profiles to look at when time passes.
+    """Which profiles to look at when event time passes: per partition, each user's earliest
+    deadline asked for, in buckets of ``bucket_s`` seconds of event time.
 
-    At most one live entry per user: the earliest deadline asked for. Scheduling a later or
-    equal deadline while an earlier entry waits adds nothing (looking at the profile then
-    schedules its next deadline again); scheduling an earlier one replaces the entry, and the
-    replaced one stays in the heap, skipped when it comes up. Every profile change asks for its
-    deadline again, so without this the heap held about three entries per user, each with its
-    own id string: a third of a profile's memory.
+    At most one live deadline per user: scheduling a later or equal one while an earlier one
+    waits adds nothing (looking at the profile then schedules its next deadline again);
+    scheduling an earlier one replaces it, and the user's name in the old bucket is skipped
+    when that bucket comes up. Every profile change asks for its deadline again, so without
+    this the index held about three entries per user.
+
+    Why buckets and not a heap of (deadline, user) pairs: a pair is a tuple of its own, 56
+    bytes on top of the user's deadline and name, for every profile the worker holds (with
+    RocksDB the index is most of what a profile costs in Python). A bucket is a list of names
+    (8 bytes each); the buckets' numbers are in a small heap. Popping sorts the due users of a
+    bucket by deadline, so users come out earliest first, ties by id, as from a heap.
 
     >>> timers = TimerIndex()
     >>> for due in (50.0, 70.0, 50.0):
     ...     timers.schedule(0, due, "u1")
     >>> len(timers), timers.scheduled(0, "u1")
     (1, 50.0)
-    >>> timers.schedule(0, 10.0, "u1")  # earlier: replaces the entry due at 50
+    >>> timers.schedule(0, 10.0, "u1")  # earlier: replaces the deadline at 50
     >>> timers.pop_due(0, watermark=100.0), timers.pop_due(0, watermark=100.0)
     (['u1'], [])
     """
 
-    def __init__(self) -> None:
-        self._heaps: dict[int, list[tuple[float, str]]] = {}
-        self._live: dict[int, dict[str, tuple[float, str]]] = {}
-        """Per partition, each user's live heap entry (the very tuple in the heap)."""
+    def __init__(self, bucket_s: float = 60.0) -> None:
+        if not bucket_s > 0:
+            raise ValueError("bucket_s must be > 0")
+        self.bucket_s = bucket_s
+        self._due: dict[int, dict[str, float]] = {}
+        """Per partition, each user's live deadline."""
+        self._buckets: dict[int, dict[int, list[str]]] = {}
+        """Per partition, bucket number → users scheduled into it (stale names included)."""
+        self._numbers: dict[int, list[int]] = {}
+        """Per partition, a heap of the numbers of its buckets."""
+
+    def _number(self, due: float) -> int:
+        return math.floor(due / self.bucket_s)
+
+    def _last_number(self, watermark: float) -> float:
+        """The last bucket that may hold a deadline at or before ``watermark``."""
+        return self._number(watermark) if math.isfinite(watermark) else watermark
 
     def has(self, partition: int) -> bool:
         """True once the partition's index was built (or started) on this worker."""
-        return partition in self._heaps
+        return partition in self._due
 
     def start(self, partition: int) -> None:
-        self._heaps.setdefault(partition, [])
-        self._live.setdefault(partition, {})
+        self._due.setdefault(partition, {})
+        self._buckets.setdefault(partition, {})
+        self._numbers.setdefault(partition, [])
 
     def schedule(self, partition: int, due: float, user_id: str) -> None:
-        live = self._live.get(partition)
-        if live is None:
+        dues = self._due.get(partition)
+        if dues is None:
             self.start(partition)
-            live = self._live[partition]
-        entry = live.get(user_id)
-        if entry is not None:
-            if entry[0] <= due:
-                return
-            user_id = entry[1]  # one id string per user, however often it is scheduled
-        entry = (due, user_id)
-        live[user_id] = entry
-        heapq.heappush(self._heaps[partition], entry)
+            dues = self._due[partition]
+        current = dues.get(user_id)
+        if current is not None and current <= due:
+            return
+        dues[user_id] = due
+        number = self._number(due)
+        buckets = self._buckets[partition]
+        users = buckets.get(number)
+        if users is None:
+            buckets[number] = [user_id]
+            heapq.heappush(self._numbers[partition], number)
+        else:
+            users.append(user_id)
 
     def scheduled(self, partition: int, user_id: str) -> float | None:
-        """The deadline of the user's live entry, if any."""
-        entry = self._live.get(partition, {}).get(user_id)
-        return entry[0] if entry is not None else None
+        """The user's live deadline, if any."""
+        return self._due.get(partition, {}).get(user_id)
+
+    def _live(self, partition: int, number: int) -> dict[str, float]:
+        """The users whose live deadline is in bucket ``number``, with it (each once)."""
+        dues, of = self._due[partition], self._number
+        live = {}
+        for user in self._buckets[partition][number]:
+            due = dues.get(user)
+            if due is not None and of(due) == number:
+                live[user] = due
+        return live
 
     def pop_due(self, partition: int, watermark: float, limit: int | None = None) -> list[str]:
-        """Users with an entry due at or before ``watermark``, each once, earliest first; at
+        """Users with a deadline at or before ``watermark``, each once, earliest first; at
         most ``limit`` of them (the rest stay for a later call)."""
-        heap = self._heaps.get(partition)
-        if not heap:
+        numbers = self._numbers.get(partition)
+        if not numbers:
             return []
-        live = self._live[partition]
-        due_users: list[str] = []
-        while heap and heap[0][0] <= watermark:
-            entry = heap[0]
-            if live.get(entry[1]) is not entry:  # replaced by an earlier one, or looked at
-                heapq.heappop(heap)
-                continue
-            if limit is not None and len(due_users) >= limit:
+        dues, buckets = self._due[partition], self._buckets[partition]
+        last = self._last_number(watermark)
+        popped: list[str] = []
+        while numbers and numbers[0] <= last:
+            if limit is not None and len(popped) >= limit:
                 break
-            heapq.heappop(heap)
-            del live[entry[1]]
-            due_users.append(entry[1])
-        return due_users
+            number = numbers[0]
+            live = self._live(partition, number)
+            ready = sorted((due, user) for user, due in live.items() if due <= watermark)
+            if limit is not None:
+                ready = ready[: limit - len(popped)]
+            for _, user in ready:
+                del dues[user]
+                popped.append(user)
+            waiting = [user for user in live if user in dues]
+            if waiting:  # not due yet (so no later bucket is), or past the limit
+                buckets[number] = waiting
+                break
+            del buckets[number]
+            heapq.heappop(numbers)
+        return popped
 
     def has_due(self, partition: int, watermark: float) -> bool:
-        """True if an entry's deadline is before ``watermark`` (see :meth:`due_count`)."""
-        heap = self._heaps.get(partition)
-        return bool(heap) and heap[0][0] < watermark
+        """True if a user's deadline is before ``watermark`` (see :meth:`due_count`)."""
+        numbers = self._numbers.get(partition)
+        last = self._last_number(watermark)
+        while numbers and numbers[0] <= last:
+            number, dues, of = numbers[0], self._due[partition], self._number
+            live = False
+            for user in self._buckets[partition][number]:
+                due = dues.get(user)
+                if due is not None and of(due) == number:
+                    if due < watermark:
+                        return True
+                    live = True
+            if live:  # the earliest live bucket: a later one holds only later deadlines
+                return False
+            del self._buckets[partition][heapq.heappop(numbers)]  # only stale names left
+        return False
 
     def due_count(self, partition: int, watermark: float) -> int:
-        """How many entries have a deadline before ``watermark``: the backlog (replaced entries
-        not yet skipped included).
+        """How many users have a deadline before ``watermark``: the backlog.
 
-        Walks only that part of the heap: O(entries counted), not O(entries).
+        Looks only at the buckets up to ``watermark``.
 
         >>> timers = TimerIndex()
         >>> for due, user in [(5.0, "a"), (1.0, "b"), (9.0, "c"), (3.0, "d")]:
@@ -180,19 +233,18 @@ class TimerIndex:
         >>> timers.due_count(0, 4.0), timers.due_count(0, 3.0), timers.due_count(1, 4.0)
         (2, 1, 0)
         """
-        heap = self._heaps.get(partition) or []
-        count, stack = 0, [0] if heap else []
-        while stack:
-            i = stack.pop()
-            if heap[i][0] < watermark:
-                count += 1
-                stack += [c for c in (2 * i + 1, 2 * i + 2) if c < len(heap)]
-        return count
+        last = self._last_number(watermark)
+        return sum(
+            sum(due < watermark for due in self._live(partition, number).values())
+            for number in self._numbers.get(partition, ())
+            if number <= last
+        )
 
     def forget(self, partition: int) -> None:
-        self._heaps.pop(partition, None)
-        self._live.pop(partition, None)
+        self._due.pop(partition, None)
+        self._buckets.pop(partition, None)
+        self._numbers.pop(partition, None)
 
     def __len__(self) -> int:
-        """Users with a live entry."""
-        return sum(len(live) for live in self._live.values())
+        """Users with a live deadline."""
+        return sum(len(dues) for dues in self._due.values())

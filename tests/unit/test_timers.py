@@ -28,11 +28,15 @@ class PlainTimers:
             del users[user]
         return [user for _, user in due]
 
+    def backlog(self, partition: int, watermark: float) -> int:
+        return sum(d < watermark for d in self.earliest.get(partition, {}).values())
 
+
+@pytest.mark.parametrize("bucket_s", [0.5, 7.0, 60.0])
 @pytest.mark.parametrize("seed", range(5))
-def test_the_index_pops_what_the_plain_model_pops(seed: int) -> None:
+def test_the_index_pops_what_the_plain_model_pops(seed: int, bucket_s: float) -> None:
     rng = random.Random(seed)
-    timers, plain = TimerIndex(), PlainTimers()
+    timers, plain = TimerIndex(bucket_s), PlainTimers()
     watermark = 0.0
     for _ in range(3000):
         partition = rng.randrange(2)
@@ -48,7 +52,11 @@ def test_the_index_pops_what_the_plain_model_pops(seed: int) -> None:
             )
         live = sum(len(users) for users in plain.earliest.values())
         assert len(timers) == live
-    assert timers.due_count(0, math.inf) >= len(plain.earliest.get(0, {}))
+        probe = watermark + rng.uniform(-5, 20)
+        backlog = plain.backlog(partition, probe)
+        assert timers.due_count(partition, probe) == backlog
+        assert timers.has_due(partition, probe) == (backlog > 0)
+    assert timers.due_count(0, math.inf) == len(plain.earliest.get(0, {}))
 
 
 def test_one_entry_per_user_however_often_a_deadline_is_asked_for() -> None:
