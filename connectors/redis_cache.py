@@ -53,6 +53,11 @@ def command(*args: str | bytes) -> bytes:
     return b"*%d\r\n%b" % (len(args), b"".join(_bulk(a) for a in args))
 
 
+_FIELD_BULKS: dict[str, bytes] = {}
+"""Hash field names in RESP: a profile hash has the same thirty in every write."""
+_MAX_FIELD_BULKS = 1024
+
+
 def hset_command(key: str, mapping: Mapping[str, str | float | int]) -> bytes:
     """``HSET key field value ...`` in RESP, ready to write to the socket.
 
@@ -60,9 +65,16 @@ def hset_command(key: str, mapping: Mapping[str, str | float | int]) -> bytes:
     b'*4\\r\\n$4\\r\\nHSET\\r\\n$1\\r\\nh\\r\\n$1\\r\\na\\r\\n$1\\r\\n1\\r\\n'
     """
     parts = [b"$4\r\nHSET\r\n", _bulk(key)]
+    fields = _FIELD_BULKS
     for field, value in mapping.items():
-        parts.append(_bulk(field))
-        parts.append(_bulk(value))
+        bulk = fields.get(field)
+        if bulk is None:
+            bulk = _bulk(field)
+            if len(fields) < _MAX_FIELD_BULKS:
+                fields[field] = bulk
+        data = value.encode() if type(value) is str else str(value).encode()
+        parts.append(bulk)
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"*%d\r\n%b" % (2 + 2 * len(mapping), b"".join(parts))
 
 
@@ -100,6 +112,10 @@ class ProfileCache:
         self.client = aioredis.Redis.from_url(
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
         )
+        # The pipelines' own connection: its replies are read under one deadline per pipeline
+        # (redis-py's socket timeout enters an asyncio timeout for every reply read).
+        self._pipelines = aioredis.Redis.from_url(url, socket_connect_timeout=socket_timeout_s)
+        self.socket_timeout_s = socket_timeout_s
         self.max_backoff_s = max_backoff_s
         self.on_error = on_error
         """Called at each failed attempt, while the outage lasts (for a metric)."""
@@ -171,20 +187,22 @@ class ProfileCache:
 
     async def _send_packed(self, commands: list[bytes]) -> None:
         """Send RESP-encoded commands in one write and read every reply (a pipeline without
-        redis-py's per-command packing, which cost more than the rest of a batch's writes)."""
-        pool = self.client.connection_pool
-        connection = await pool.get_connection()
-        try:
-            await connection.send_packed_command(b"".join(commands), check_health=False)
-            for _ in commands:
-                reply = await connection.read_response()
-                if isinstance(reply, ResponseError):
-                    raise reply
-        except BaseException:
-            await connection.disconnect()  # a half-read reply stream must not be reused
-            raise
-        finally:
-            await pool.release(connection)
+        redis-py's per-command packing, which cost more than the rest of a batch's writes).
+        The socket timeout is one deadline for the whole exchange."""
+        pool = self._pipelines.connection_pool
+        async with asyncio.timeout(self.socket_timeout_s):
+            connection = await pool.get_connection()  # connects and greets the server if new
+            try:
+                await connection.send_packed_command(b"".join(commands), check_health=False)
+                for _ in commands:
+                    reply = await connection.read_response()
+                    if isinstance(reply, ResponseError):
+                        raise reply
+            except BaseException:
+                await connection.disconnect()  # a half-read reply stream must not be reused
+                raise
+            finally:
+                await pool.release(connection)
 
     async def resolve(self, user_id: str) -> str:
         """The known user an anonymous id was merged into; the id itself otherwise."""
@@ -224,3 +242,4 @@ class ProfileCache:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self._pipelines.aclose()

@@ -525,6 +525,7 @@ class ShopperSimulator:
 
         def message_id() -> str:
             return f"{prefix}{next(counter)}-{id_bits(128):032x}"
+
         esp = _ESP_LIBRARY
         lib_name, esp_name, version = _LIBRARY["name"], esp["name"], _LIBRARY["version"]
         # Every event is generated at or after the agenda time that produced it, so when the

@@ -149,6 +149,7 @@ async def _deliver(
         put, room = direct.put, direct.room
     since_yield = 0
     stopped: set[Any] = set()  # partitions not active any more: read again from ``left``
+    tracked: set[Any] = set()
     for tp, record in consumer.scheduler.iterate(records):
         if not consumer.flow_active or consumer.app.consumer_generation_id != generation:
             return
@@ -158,7 +159,9 @@ async def _deliver(
             stopped.add(tp)
             left[tp] = record.offset
             continue
-        track_end_offset(tp, highwater(tp))
+        if tp not in tracked:  # one fetch has one end per partition: read it once
+            tracked.add(tp)
+            track_end_offset(tp, highwater(tp))
         message = to_message(tp, record)
         since_yield += 1
         if since_yield > YIELD_EVERY:

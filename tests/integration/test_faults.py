@@ -51,7 +51,7 @@ from connectors.embedded import (
 )
 from connectors.kafka import produce_all, send_to_partitions
 from connectors.partitioner import partitions_for_keys
-from connectors.redis_cache import KEY_PREFIX, user_of_key
+from connectors.redis_cache import KEY_PREFIX, ProfileCache, user_of_key
 from connectors.segment import partition_key, route
 from connectors.simulator import ShopperSimulator
 from streams.app import end_of_log_ticks
@@ -654,3 +654,40 @@ def test_redis_outage_worker_pauses_then_rewrites_whole_profiles(
     wrong = differences({u: full[u] for u in got}, got)
     assert not wrong, f"profiles after recovery differ from the whole log: {wrong[:10]}"
     assert sum(got[u].events for u in after) == sum(full[u].events for u in after)
+
+
+def test_a_redis_that_accepts_but_never_answers_times_out_and_is_retried() -> None:
+    """A Redis whose socket stays open but silent (a hung server, a black-holed route) must not
+    hang the writer: each pipeline's exchange has one deadline (``socket_timeout_s``), a timeout
+    counts as a failed attempt on a new connection, and the writer keeps retrying (the outage
+    test above shows the retried writes landing once Redis answers again)."""
+
+    async def scenario() -> tuple[int, int]:
+        connections: list[asyncio.StreamWriter] = []
+
+        async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(writer)  # read nothing, answer nothing
+
+        silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        cache = ProfileCache(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.2, max_backoff_s=0.2)
+        writing = asyncio.create_task(cache.write_profiles({"u1": {"events": "1"}}))
+        try:
+            async with asyncio.timeout(20):
+                while cache.write_errors < 3:
+                    assert not writing.done(), f"the write ended against a silent server: {writing}"
+                    await asyncio.sleep(0.05)
+            return cache.write_errors, len(connections)
+        finally:
+            writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writing
+            await cache.close()
+            for writer in connections:
+                writer.close()
+            silent.close()
+            await silent.wait_closed()
+
+    errors, connections = asyncio.run(scenario())
+    assert errors >= 3
+    assert connections >= 2, "a timed-out connection must be dropped, not reused"
