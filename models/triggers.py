@@ -80,6 +80,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from models.events import (
     CART_VIEWED,
     CHECKOUT_STARTED,
@@ -147,8 +149,14 @@ def idempotency_key(*parts: str | int | None) -> str:
     >>> key == hashlib.sha256(b'["abandoned-cart","u-1",1700000000000]').hexdigest()
     True
     """
-    text = json.dumps(list(parts), separators=(",", ":"))
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
+    text: bytes | None
+    try:
+        text = orjson.dumps(parts)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits
+        text = None
+    if text is None or not text.isascii() or b"\x7f" in text:  # the key is json's escaping
+        text = json.dumps(list(parts), separators=(",", ":")).encode("ascii")
+    return hashlib.sha256(text).hexdigest()
 
 
 def abandoned_cart_key(user_id: str, episode_start: float) -> str:

@@ -124,6 +124,26 @@ def test_key_is_sha256_of_kind_user_and_start_in_ms() -> None:
     assert idempotency_key("a", None, 1) != idempotency_key("a", "None", 1)  # unambiguous
 
 
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("ascii", "".join(map(chr, range(128))), 0, -1, None, True, 2**63 - 1),
+        ("offer", "ünïcødé-ü\u2028\U0001f600", 'quote"back\\slash', 1_700_000_000_000),
+        ("tombstone", "", None),
+        ("big", 2**64, -(2**70)),
+        (),
+    ],
+)
+def test_key_bytes_are_compact_json_with_every_non_ascii_character_escaped(parts) -> None:
+    """Keys already sent must stay the same: the hashed text is ``json.dumps`` with
+    ``ensure_ascii``, whichever encoder builds it."""
+    import hashlib
+    import json
+
+    text = json.dumps(list(parts), separators=(",", ":")).encode("ascii")
+    assert idempotency_key(*parts) == hashlib.sha256(text).hexdigest()
+
+
 def test_custom_timeout() -> None:
     u = User()
     u.profile = new_profile("u-1")
