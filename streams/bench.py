@@ -817,10 +817,7 @@ def run_bench(
         result["latency_events"] = n
 
         # 7. memory per profile: a fresh worker, many users
-        memory_settings = _settings(
-            broker, redis, data_dir, "memory", partitions,
-            topic_prefix=MEMORY_TOPIC_PREFIX, reorder_max_held=MEMORY_REORDER_MAX_HELD,
-        )  # fmt: skip
+        memory_settings = _memory_settings(broker, redis, data_dir, partitions)
         result.update(
             _memory_run(
                 memory_settings, memory_events, memory_users, seed, 120.0 + memory_events / 100.0
@@ -836,29 +833,31 @@ def run_bench(
 
 
 def _memory_run(
-    settings: Settings, events: int, users: int, seed: int, timeout_s: float
+    settings: Settings, events: int, users: int, seed: int, timeout_s: float, parts: int = 2
 ) -> dict[str, Any]:
     """Resident memory per profile: a fresh worker reads ``events`` messages of ``users``
-    simulated users, produced in two halves. After each half, once the worker is idle and its
-    allocator's free memory was trimmed, its RSS and the profiles it holds are read.
+    simulated users, produced in ``parts`` equal parts. After each part, once the worker is
+    idle and its allocator's free memory was trimmed, its RSS and the profiles it holds are read.
 
-    The first half warms the worker up: its growth holds what the worker allocates whatever
-    the profiles (start-up, the models' first batches, the peak working set of reading
-    prefilled topics at full speed, which the allocator keeps). The figure is the second
-    half's growth over the profiles it added: what each further profile costs. Below a few
-    hundred thousand profiles it is optimistic: the second half fills free space that the first
-    half's peak left in the allocator's arenas (the README compares it with a run to a million).
+    The parts before the last warm the worker up: their growth holds what the worker allocates
+    whatever the profiles (start-up, the models' first batches, the peak working set of reading
+    prefilled topics at full speed, which the allocator keeps). The figure is the last part's
+    growth over the profiles it added: what each further profile costs. Below a few hundred
+    thousand profiles it is optimistic: the last part fills free space that the first part's
+    peak left in the allocator's arenas (:func:`run_memory` measures up to a million directly).
     The growth from start-up over all profiles is reported beside it. The reorder hold is
     bounded (:data:`MEMORY_REORDER_MAX_HELD`)."""
+    if parts < 2:
+        raise ValueError("the memory run needs at least two parts (the first one warms up)")
     source = ShopperSimulator(users, seed + 1).raw_messages()
-    halves = (events // 2, events - events // 2)
-    marks: list[tuple[int, int]] = []  # (profiles, RSS KiB) at start-up and after each half
+    sizes = [events // parts + (1 if i < events % parts else 0) for i in range(parts)]
+    marks: list[tuple[int, int]] = []  # (profiles, RSS KiB) at start-up and after each part
     peak_kib, seconds, n = 0, 0.0, 0
     with _engine_workers(settings, 1) as (worker,):
         assert worker.pid is not None
         marks.append((0, rss_kib(worker.pid)))
-        for half in halves:
-            messages = _routed(settings, source, half)
+        for size in sizes:
+            messages = _routed(settings, source, size)
             n += len(messages)
             asyncio.run(produce_all(settings.broker_url, messages))
             del messages
@@ -867,18 +866,21 @@ def _memory_run(
             _wait_idle(worker.pid)
             time.sleep(settings.malloc_trim_s + 2 * settings.tick_interval_s)  # a trim since idle
             marks.append((asyncio.run(_count_profiles(settings.redis_url)), rss_kib(worker.pid)))
-    (_, start), (warm_profiles, warm), (profiles, end) = marks
+    (_, start), (warm_profiles, warm), (profiles, end) = marks[0], marks[-2], marks[-1]
     added = profiles - warm_profiles
-    if added < profiles / 4:  # the slope would rest on a handful of profiles
+    if added < profiles / (2 * parts):  # the slope would rest on a handful of profiles
         raise BenchError(
-            f"memory run: only {added} of {profiles} profiles were added in its second half; "
-            "raise --memory-users"
+            f"memory run: only {added} of {profiles} profiles were added in its last part; "
+            "raise the users of the memory run"
         )
     per_100k = mib_per_100k(end - warm, added)
     return {
         "memory_events": n,
         "memory_users": users,
         "memory_seconds": round(seconds, 1),
+        "memory_parts": [
+            {"profiles": count, "rss_mb": round(kib / 1024, 1)} for count, kib in marks[1:]
+        ],
         "memory_profiles": profiles,
         "memory_profiles_warm": warm_profiles,
         "memory_rss_start_mb": round(start / 1024, 1),
@@ -892,6 +894,51 @@ def _memory_run(
             end / 1024 + per_100k * max(1_000_000 - profiles, 0) / 100_000, 1
         ),
     }
+
+
+def _memory_settings(
+    broker: EmbeddedBroker, redis: EmbeddedRedis, data_dir: Path, partitions: int
+) -> Settings:
+    return _settings(
+        broker, redis, data_dir, "memory", partitions,
+        topic_prefix=MEMORY_TOPIC_PREFIX, reorder_max_held=MEMORY_REORDER_MAX_HELD,
+    )  # fmt: skip
+
+
+def run_memory(
+    events: int,
+    *,
+    users: int,
+    parts: int = 4,
+    seed: int = 7,
+    partitions: int = 4,
+    data_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The memory run alone, in ``parts`` parts, on its own embedded broker and Redis: resident
+    memory measured at each part's end rather than projected (``persona bench-memory``).
+
+    The store is the worker's setting (``PERSONA_STORE``). With ``events`` and ``users`` in the
+    millions it takes about half an hour. Few of the simulator's users have events early:
+    4 million events of 4 million users made 1.19 million profiles.
+
+    >>> run_memory(0, users=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: events must be positive
+    """
+    if events <= 0:
+        raise ValueError("events must be positive")
+    data_dir = Path(data_dir or tempfile.mkdtemp(prefix="persona-bench-memory-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"seed": seed, "partitions": partitions, "machine": machine(),
+                              "data_dir": str(data_dir)}  # fmt: skip
+    with EmbeddedBroker(data_dir) as broker, EmbeddedRedis(data_dir) as redis:
+        settings = _memory_settings(broker, redis, data_dir, partitions)
+        result["store"] = settings.store
+        result.update(
+            _memory_run(settings, events, users, seed, 120.0 + events / 100.0 / parts, parts)
+        )
+    return result
 
 
 def mib_per_100k(grown_kib: int, profiles: int) -> float:
@@ -992,8 +1039,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"p99 {_ms(result.get('later_received_p99_ms'))}",
         f"  memory ({result.get('store', 'memory://')} store): "
         f"{result['rss_mb_per_100k_profiles']:,.0f} MiB RSS per 100k further profiles (a fresh "
-        f"worker, {result['memory_events']:,} events of {result['memory_users']:,} users in two "
-        f"halves: {result['memory_rss_start_mb']:,.0f} MiB at start-up, "
+        f"worker, {result['memory_events']:,} events of {result['memory_users']:,} users in "
+        f"{len(result['memory_parts'])} parts: {result['memory_rss_start_mb']:,.0f} MiB at "
+        "start-up, "
         f"{result['memory_rss_warm_mb']:,.0f} MiB for {result['memory_profiles_warm']:,} "
         f"profiles, {result['memory_rss_end_mb']:,.0f} MiB for {result['memory_profiles']:,}; "
         f"peak {result['memory_rss_peak_mb']:,.0f} MiB; start-up growth included: "
@@ -1029,6 +1077,36 @@ def format_report(result: dict[str, Any]) -> str:
         f"at full speed. Its reorder hold is bounded ({MEMORY_REORDER_MAX_HELD} events per",
         "  partition: a prefilled topic read far ahead of another fills it, about 4 KB an "
         "event). The projection is the end RSS plus that cost per profile up to a million.",
+    ]
+    return "\n".join(lines)
+
+
+def format_memory_report(result: dict[str, Any]) -> str:
+    """The result of :func:`run_memory` for a reader: RSS at each part's end, then the slope."""
+    m = result["machine"]
+    lines = [
+        f"persona bench-memory: {result['memory_events']:,} simulated events of "
+        f"{result['memory_users']:,} users (seed {result['seed']}), {result['partitions']} "
+        f"partitions, {result['store']} store; machine: {m['nproc']} cores ({m['cpu_model']})",
+        "",
+        f"  {'after part':>10}  {'profiles':>10}  {'RSS':>10}  "
+        f"{'MiB per 100k profiles of the part':>34}",
+        f"  {'start-up':>10}  {0:>10,}  {result['memory_rss_start_mb']:>6,.0f} MiB",
+    ]
+    previous = (0, result["memory_rss_start_mb"])
+    for number, part in enumerate(result["memory_parts"], 1):
+        added, grown = part["profiles"] - previous[0], part["rss_mb"] - previous[1]
+        slope = f"{grown / added * 100_000:,.0f}" if added > 0 else "—"
+        lines.append(
+            f"  {number:>10}  {part['profiles']:>10,}  {part['rss_mb']:>6,.0f} MiB  {slope:>34}"
+        )
+        previous = (part["profiles"], part["rss_mb"])
+    lines += [
+        "",
+        f"  peak {result['memory_rss_peak_mb']:,.0f} MiB; the last part's slope projected to a "
+        f"million profiles: {result['rss_mb_at_1m_profiles_projected']:,.0f} MiB",
+        "how: RSS (VmRSS) of the worker idle after each part, its free memory trimmed; each part "
+        "is produced, then read at full speed (reorder hold bounded)",
     ]
     return "\n".join(lines)
 

@@ -40,6 +40,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 2 (the first part warms up)")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -135,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", action="store_true", help="end with one JSON line")
 
+    memory = commands.add_parser(
+        "bench-memory",
+        help="resident memory of a worker as profiles grow, measured part by part (slow)",
+    )
+    memory.add_argument("--events", type=_positive_int, default=4_000_000)
+    memory.add_argument("--users", type=_positive_int, default=4_000_000)
+    memory.add_argument(
+        "--parts", type=_at_least_two, default=4, help="parts the events are produced in"
+    )
+    memory.add_argument("--seed", type=int, default=7)
+    memory.add_argument("--partitions", type=_positive_int, default=4)
+    memory.add_argument("--json", action="store_true", help="end with one JSON line")
+
     dead = commands.add_parser("dead-letter", help="work with the dead-letter topic")
     dead_commands = dead.add_subparsers(dest="action", required=True, parser_class=_Parser)
     dead_replay = dead_commands.add_parser(
@@ -204,6 +224,8 @@ def _run(args: argparse.Namespace) -> int:
             return _dead_letter_replay(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "bench-memory":
+            return _bench_memory(args)
     except ReplayError as exc:
         raise UserError(str(exc)) from None
     raise UserError(f"unknown command {args.command}")
@@ -287,6 +309,20 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_report(result))
     if args.json:
         print(orjson.dumps(result, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode())
+    return 0
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    import orjson
+
+    from streams.bench import format_memory_report, run_memory
+
+    result = run_memory(
+        args.events, users=args.users, parts=args.parts, seed=args.seed, partitions=args.partitions
+    )
+    print(format_memory_report(result))
+    if args.json:
+        print(orjson.dumps(result, option=orjson.OPT_SORT_KEYS).decode())
     return 0
 
 

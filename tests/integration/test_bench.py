@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import uuid
 from pathlib import Path
 
+import orjson
 import pytest
 
+from streams import cli
 from streams.bench import RESULT_KEYS, format_report, run_bench
 
 pytestmark = pytest.mark.integration
@@ -95,5 +98,35 @@ def test_bench_reports_every_number_and_leaves_no_process(
     report = format_report(result)
     assert "events/s" in report and "p99" in report and "per 100k profiles" in report
 
+    assert processes_with(f"{TAG}={marker}".encode()) == []
+    assert set(children_of(os.getpid())) <= children_before
+
+
+def test_bench_memory_reads_rss_after_every_part_and_leaves_no_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = uuid.uuid4().hex
+    monkeypatch.setenv(TAG, marker)
+    monkeypatch.setenv("PERSONA_MALLOC_TRIM_S", "1")  # the run waits for a trim after each part
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run's data directory
+    children_before = set(children_of(os.getpid()))
+
+    args = ["bench-memory", "--events", "12000", "--users", "12000", "--parts", "3", "--json"]
+    assert cli.main(args) == 0
+
+    out = capsys.readouterr().out
+    result = orjson.loads(out.splitlines()[-1])
+    assert result["memory_events"] == 12_000 and result["store"] == "memory://"
+    assert Path(result["data_dir"]).parent == tmp_path
+    parts = result["memory_parts"]
+    assert len(parts) == 3
+    counts = [part["profiles"] for part in parts]
+    assert 0 < counts[0] < counts[1] < counts[2] <= 12_000, counts
+    assert all(part["rss_mb"] > 0 for part in parts)
+    assert result["memory_profiles"] == counts[2] and result["memory_profiles_warm"] == counts[1]
+    grown = parts[2]["rss_mb"] - parts[1]["rss_mb"]
+    added = counts[2] - counts[1]
+    assert result["rss_mb_per_100k_profiles"] == pytest.approx(grown / added * 100_000, rel=0.01)
+    assert out.count(" MiB  ") == 3  # a row per part, with its slope
     assert processes_with(f"{TAG}={marker}".encode()) == []
     assert set(children_of(os.getpid())) <= children_before
