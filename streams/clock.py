@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Iterator
 
 
 class PartitionClocks:
@@ -166,15 +167,18 @@ class TimerIndex:
         """The user's live deadline, if any."""
         return self._due.get(partition, {}).get(user_id)
 
-    def _live(self, partition: int, number: int) -> dict[str, float]:
-        """The users whose live deadline is in bucket ``number``, with it (each once)."""
+    def _live_names(self, partition: int, number: int) -> Iterator[tuple[str, float]]:
+        """The names in bucket ``number`` whose live deadline is in it, with the deadline (a
+        user scheduled into the bucket twice comes twice)."""
         dues, of = self._due[partition], self._number
-        live = {}
         for user in self._buckets[partition][number]:
             due = dues.get(user)
             if due is not None and of(due) == number:
-                live[user] = due
-        return live
+                yield user, due
+
+    def _live(self, partition: int, number: int) -> dict[str, float]:
+        """The users whose live deadline is in bucket ``number``, with it (each once)."""
+        return dict(self._live_names(partition, number))
 
     def pop_due(self, partition: int, watermark: float, limit: int | None = None) -> list[str]:
         """Users with a deadline at or before ``watermark``, each once, earliest first; at
@@ -209,14 +213,11 @@ class TimerIndex:
         numbers = self._numbers.get(partition)
         last = self._last_number(watermark)
         while numbers and numbers[0] <= last:
-            number, dues, of = numbers[0], self._due[partition], self._number
             live = False
-            for user in self._buckets[partition][number]:
-                due = dues.get(user)
-                if due is not None and of(due) == number:
-                    if due < watermark:
-                        return True
-                    live = True
+            for _, due in self._live_names(partition, numbers[0]):
+                if due < watermark:
+                    return True
+                live = True
             if live:  # the earliest live bucket: a later one holds only later deadlines
                 return False
             del self._buckets[partition][heapq.heappop(numbers)]  # only stale names left
