@@ -40,7 +40,10 @@ def profile_key(user_id: str) -> str:
 
 
 def _bulk(value: str | bytes | float | int) -> bytes:
-    data = value if isinstance(value, bytes) else str(value).encode()
+    if type(value) is str:  # most values: no str() copy
+        data = value.encode()
+    else:
+        data = value if isinstance(value, bytes) else str(value).encode()
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
@@ -72,9 +75,8 @@ def hset_command(key: str, mapping: Mapping[str, str | float | int]) -> bytes:
             bulk = _bulk(field)
             if len(fields) < _MAX_FIELD_BULKS:
                 fields[field] = bulk
-        data = value.encode() if type(value) is str else str(value).encode()
         parts.append(bulk)
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        parts.append(_bulk(value))
     return b"*%d\r\n%b" % (2 + 2 * len(mapping), b"".join(parts))
 
 
