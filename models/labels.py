@@ -58,6 +58,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import numpy as np
 import orjson
 
 __all__ = [
@@ -77,6 +78,8 @@ STATE_KEY = "lead"
 DEFAULT_HORIZON_S = 7 * 86400.0
 DEFAULT_MIN_GAP_S = 86400.0
 DEFAULT_MAX_PENDING = 8
+DECIMALS = 4
+"""Decimals of a snapshot's features."""
 
 
 def new_state() -> dict[str, Any]:
@@ -110,7 +113,7 @@ def on_scored(
     for snap in pending:
         if abs(ts - snap["ts"]) < min_gap_s:
             return False
-    features = {name: round(value, 4) for name, value in features.items()}  # compact state
+    features = _compact(features)
     snap = {"ts": ts, "due": ts + horizon_s, "key": _key(user_id, ts, features),
             "features": features}  # fmt: skip
     if score is not None:
@@ -118,6 +121,15 @@ def on_scored(
     pending.append(snap)
     pending.sort(key=_by_ts)
     return True
+
+
+def _compact(features: dict[str, float]) -> dict[str, float]:
+    """``features`` to :data:`DECIMALS` decimals (a snapshot waits in the state for a horizon).
+
+    In one numpy pass: a ``round`` call per feature was a measurable share of scoring a profile.
+    """
+    values = np.fromiter(features.values(), dtype=float, count=len(features))
+    return dict(zip(features, np.round(values, DECIMALS).tolist(), strict=True))
 
 
 def on_purchase(

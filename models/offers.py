@@ -94,6 +94,8 @@ MAX_PENDING = 20
 CHANNELS: dict[str, str | None] = {"email": "email", "ads": "advertising", "onsite": None}
 """Offer channels and the consent category each needs (None: no consent needed)."""
 REASONS = ("exploit", "explore", "holdout", "only_eligible", "none_eligible")
+CONTEXT_DECIMALS = 4
+"""Decimals of a decision's ``context``: it waits in the user's state until its reward is known."""
 
 _HOUR = 3600.0
 _DAY = 86400.0
@@ -492,7 +494,8 @@ def record(
     newest, which must cover the catalog's ``horizon_s``) and to ``pending`` (awaiting a reward),
     and sets ``last``. Returns the reward-0 examples of pending decisions pushed out of the
     bounded pending list. A decision without an offer only sets ``last``. Idempotent per
-    ``decision_id``.
+    ``decision_id``. The pending entry keeps the decision's ``context`` as it is (decisions
+    round it, see :data:`CONTEXT_DECIMALS`).
     """
     last = {k: decision[k] for k in ("decision_id", "offer_id", "channel", "ts", "reason",
                                      "policy", "propensity", "score", "model_version")}  # fmt: skip
@@ -512,7 +515,7 @@ def record(
     keep = [h for h in history[-MAX_HISTORY:] if h[1] > newest - horizon_s]
     history[:] = keep
     pending.append({"decision_id": did, "offer_id": oid, "ts": ts,
-                    "context": [round(float(v), 4) for v in decision["context"]],
+                    "context": list(decision["context"]),
                     "propensity": decision["propensity"],
                     "policy": decision["policy"]})  # fmt: skip
     evicted = []
@@ -738,7 +741,8 @@ class OfferPolicy:
         Returns ``decision_id, user_id, ts, offer_id, channel, score`` (estimated reward of the
         offer), ``propensity`` (exact probability of this offer given the eligible set; 1.0 for
         no offer), ``reason`` (one of :data:`REASONS`), ``policy`` ("bandit" or "control"),
-        ``model_version``, ``eligible`` (offer ids) and ``context`` (for learning later).
+        ``model_version``, ``eligible`` (offer ids) and ``context`` (for learning later, to
+        :data:`CONTEXT_DECIMALS` decimals).
         ``features`` (a :func:`~models.features.feature_vector` at ``now``) is computed when not
         given; ``segment`` defaults to ``profile.get("segment")``.
         """
@@ -781,7 +785,9 @@ class OfferPolicy:
         nows: Sequence[float],
     ) -> list[dict[str, Any]]:
         means_l, ucb_l = self._scores(x)
-        x_l = x.tolist()
+        # Rounded once for the batch: the context is kept in the user's pending decisions
+        # until its reward is known, and four decimals keep that state small.
+        contexts = np.round(x, CONTEXT_DECIMALS).tolist()
         offers = self.catalog.offers
         version = self.version
         out = []
@@ -803,7 +809,7 @@ class OfferPolicy:
                 "policy": "control" if holdout else "bandit",
                 "model_version": version,
                 "eligible": [offers[j].id for j in row],
-                "context": x_l[i],
+                "context": contexts[i],
             }
             out.append(decision)
             if n == 0:
