@@ -57,6 +57,22 @@ def murmur2(keys: Sequence[bytes]) -> np.ndarray:
 
 
 def partitions_for_keys(keys: Sequence[bytes], partitions: int) -> list[int]:
-    """The partition (0 to ``partitions`` - 1) Kafka's default partitioner gives each key."""
-    positive = murmur2(keys) & np.uint32(0x7FFFFFFF)
-    return (positive % np.uint32(partitions)).tolist()  # type: ignore[no-any-return]
+    """The partition (0 to ``partitions`` - 1) Kafka's default partitioner gives each key.
+
+    Hashes are remembered for the last :data:`REMEMBERED_KEYS` or so keys: a batch's keys are
+    mostly users seen in the batches before, and looking one up costs a fraction of the
+    dozen array operations a batch of misses takes (those were 2.4% of a paced worker).
+    """
+    known = _positive_hashes
+    missing = list(dict.fromkeys(key for key in keys if key not in known))
+    if missing:
+        if len(known) + len(missing) > REMEMBERED_KEYS:
+            known.clear()
+            missing = list(dict.fromkeys(keys))
+        known.update(zip(missing, (murmur2(missing) & np.uint32(0x7FFFFFFF)).tolist(), strict=True))
+    return [known[key] % partitions for key in keys]
+
+
+REMEMBERED_KEYS = 1 << 16
+"""Bound of the hashes :func:`partitions_for_keys` remembers (a few MB), cleared when full."""
+_positive_hashes: dict[bytes, int] = {}

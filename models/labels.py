@@ -128,8 +128,8 @@ def _compact(features: dict[str, float]) -> dict[str, float]:
 
     In one numpy pass: a ``round`` call per feature was a measurable share of scoring a profile.
     """
-    values = np.fromiter(features.values(), dtype=float, count=len(features))
-    return dict(zip(features, np.round(values, DECIMALS).tolist(), strict=True))
+    values = np.array(list(features.values()), dtype=float).round(DECIMALS)
+    return dict(zip(features, values.tolist(), strict=True))
 
 
 def on_purchase(

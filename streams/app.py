@@ -1158,12 +1158,13 @@ async def _publish(
     metrics.timers_pending.set(len(persona.timers))
 
     topic_name = {kind: topic.get_topic_name() for kind, topic in persona.topics.items()}
+    sent_kinds: Counter[str] = Counter()
     for emission in outputs.emissions:
         outbox.send(topic_name[emission.kind], emission.key, orjson.dumps(emission.payload))
         tombstone_sent = emission.payload.get("type") == "tombstone"
-        metrics.triggers.labels(
-            kind="tombstone" if tombstone_sent else TRIGGER_KIND[emission.kind]
-        ).inc()
+        sent_kinds["tombstone" if tombstone_sent else TRIGGER_KIND[emission.kind]] += 1
+    for kind, count in sent_kinds.items():  # a metric's labels() lookup costs a microsecond
+        metrics.triggers.labels(kind=kind).inc(count)
     # One message per model and batch: the trainer learns in batches anyway.
     for model, examples in outputs.examples_by_model().items():
         for start in range(0, len(examples), EXAMPLES_PER_MESSAGE):

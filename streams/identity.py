@@ -140,6 +140,7 @@ def run_claims(
     load: Callable[[str], dict[str, Any] | None],
 ) -> None:
     """Step 1 on the anonymous id's partition: alias entry in, profile out and on to the user."""
+    claimed = 0
     for anonymous_id, user_id, partition in work.claims:
         if alias_of(persona, anonymous_id) == user_id:
             continue  # re-delivered claim: done already
@@ -152,7 +153,9 @@ def run_claims(
         write(partition, alias_key(anonymous_id), user_id.encode())
         work.relinked[anonymous_id] = user_id
         work.send(user_id, MERGE, anonymous_id=anonymous_id, user_id=user_id, profile=profile)
-        persona.metrics.identity_links.labels(step=CLAIM).inc()
+        claimed += 1
+    if claimed:  # one labels() lookup a batch, not one a claim
+        persona.metrics.identity_links.labels(step=CLAIM).inc(claimed)
 
 
 def run_merges(
@@ -172,6 +175,7 @@ def run_merges(
     takes the note along.
     """
     settings = persona.settings
+    folded = 0
     for anonymous_id, user_id, anonymous, partition in work.merges:
         if is_erased(user_id):
             work.send(anonymous_id, UNLINK, anonymous_id=anonymous_id, user_id=user_id)
@@ -179,7 +183,7 @@ def run_merges(
         known = changed.get(user_id) or load(user_id)
         if known is not None and already_merged(known, anonymous_id):
             continue
-        persona.metrics.identity_links.labels(step=MERGE).inc()
+        folded += 1
         if anonymous is None:
             if known is not None and user_id not in changed:
                 record_merged(known, anonymous_id)
@@ -200,6 +204,8 @@ def run_merges(
         persona.engine.merge_state(merged, anonymous)
         changed[user_id] = merged
         partition_of[user_id] = partition
+    if folded:
+        persona.metrics.identity_links.labels(step=MERGE).inc(folded)
 
 
 def run_unlinks(persona: Persona, work: IdentityWork, write: TableWrite) -> None:

@@ -33,3 +33,22 @@ def test_partitions_equal_the_default_partitioners(partitions: int) -> None:
 
 def test_no_keys_no_partitions() -> None:
     assert partitions_for_keys([], 8) == []
+
+
+def test_remembered_hashes_give_the_same_partitions_and_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from connectors import partitioner
+
+    monkeypatch.setattr(partitioner, "REMEMBERED_KEYS", 500)
+    monkeypatch.setattr(partitioner, "_positive_hashes", {})
+    keys = random_keys(4, 300)
+    everyone = list(range(7))
+    want = [DefaultPartitioner()(k, everyone, everyone) for k in keys]
+    assert partitions_for_keys(keys, 7) == want
+    assert partitions_for_keys(keys + keys, 7) == want + want  # remembered, not hashed again
+    more = random_keys(5, 300)  # 600 keys in all: the memo starts over
+    want_more = [DefaultPartitioner()(k, everyone, everyone) for k in more]
+    assert partitions_for_keys(keys[:1] + more, 7) == want[:1] + want_more
+    assert len(partitioner._positive_hashes) <= 500
+    assert partitions_for_keys(keys, 7) == want
