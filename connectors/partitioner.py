@@ -24,6 +24,10 @@ import numpy as np
 
 SEED = 0x9747B28C
 MULTIPLIER = np.uint32(0x5BD1E995)
+REMEMBERED_KEYS = 1 << 16
+"""Bound of the hashes :func:`partitions_for_keys` remembers (a few MB), cleared when full."""
+_positive_hashes: dict[bytes, int] = {}
+"""Key → ``murmur2(key) & 0x7fffffff`` of recently placed keys."""
 
 
 def murmur2(keys: Sequence[bytes]) -> np.ndarray:
@@ -71,8 +75,3 @@ def partitions_for_keys(keys: Sequence[bytes], partitions: int) -> list[int]:
             missing = list(dict.fromkeys(keys))
         known.update(zip(missing, (murmur2(missing) & np.uint32(0x7FFFFFFF)).tolist(), strict=True))
     return [known[key] % partitions for key in keys]
-
-
-REMEMBERED_KEYS = 1 << 16
-"""Bound of the hashes :func:`partitions_for_keys` remembers (a few MB), cleared when full."""
-_positive_hashes: dict[bytes, int] = {}
