@@ -126,7 +126,11 @@ def test_bench_memory_reads_rss_after_every_part_and_leaves_no_process(
     assert result["memory_profiles"] == counts[2] and result["memory_profiles_warm"] == counts[1]
     grown = parts[2]["rss_mb"] - parts[1]["rss_mb"]
     added = counts[2] - counts[1]
-    assert result["rss_mb_per_100k_profiles"] == pytest.approx(grown / added * 100_000, rel=0.01)
+    # Each part's rss_mb is rounded to 0.1 MiB, the figure is computed from KiB: their
+    # difference can be 0.1 MiB over the profiles added (2% at 450 MiB per 100k and 1,000 added).
+    rounding = 0.1 / added * 100_000 + 0.1
+    slope = grown / added * 100_000
+    assert result["rss_mb_per_100k_profiles"] == pytest.approx(slope, abs=rounding)
     assert out.count(" MiB  ") == 3  # a row per part, with its slope
     assert processes_with(f"{TAG}={marker}".encode()) == []
     assert set(children_of(os.getpid())) <= children_before
