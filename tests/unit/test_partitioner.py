@@ -46,9 +46,19 @@ def test_remembered_hashes_give_the_same_partitions_and_stay_bounded(
     everyone = list(range(7))
     want = [DefaultPartitioner()(k, everyone, everyone) for k in keys]
     assert partitions_for_keys(keys, 7) == want
-    assert partitions_for_keys(keys + keys, 7) == want + want  # remembered, not hashed again
+    hashed: list[int] = []
+
+    def counting_murmur2(batch: list[bytes]) -> object:
+        hashed.append(len(batch))
+        return murmur2(batch)
+
+    monkeypatch.setattr(partitioner, "murmur2", counting_murmur2)
+    assert partitions_for_keys(keys + keys, 7) == want + want
+    assert hashed == []  # remembered, not hashed again
     more = random_keys(5, 300)  # 600 keys in all: the memo starts over
     want_more = [DefaultPartitioner()(k, everyone, everyone) for k in more]
     assert partitions_for_keys(keys[:1] + more, 7) == want[:1] + want_more
+    # The memo started over: each distinct key of the batch hashed once, the remembered one too.
+    assert hashed == [len(set(keys[:1] + more))]
     assert len(partitioner._positive_hashes) <= 500
     assert partitions_for_keys(keys, 7) == want
