@@ -58,6 +58,7 @@ from connectors.kafka import (
     log_end_offsets,
 )
 from connectors.kafka import first_offset_from as first_offset_from_broker
+from connectors.partitioner import partitions_for_keys
 from connectors.payloads import tombstone
 from connectors.redis_cache import ProfileCache
 from connectors.segment import dead_letter_record
@@ -84,6 +85,8 @@ from streams.engine import (
 )
 from streams.fastpath import QuietMonitor, RawSchema
 from streams.identity import (
+    CLAIM,
+    MERGE,
     IdentityWork,
     alias_key,
     alias_of,
@@ -91,6 +94,7 @@ from streams.identity import (
     identity_topic_name,
     internal_entry,
     run_claims,
+    run_links,
     run_merges,
     run_unlinks,
 )
@@ -801,31 +805,47 @@ def _stitch_identities(
     identity: IdentityWork,
     released: list[tuple[Record, Event]],
     result: BatchResult,
-    event_of_partition: dict[int, EventT],
     outbox: Outbox,
+    link_partitions: int,
 ) -> None:
-    """Identity links of this batch: claims, merges and unlinks run, links and forwards sent."""
+    """Identity links of this batch: claims, merges and unlinks run, links and forwards sent
+    (``link_partitions``: the identity-links topic's partition count)."""
 
     def write(partition: int, key: bytes, value: bytes | None) -> None:
-        with as_current_event(event_of_partition[partition]):
+        # A link stitched here writes on the anonymous id's partition, which may have no event
+        # in this batch: the last event seen there picks its store.
+        with as_current_event(persona.partition_events[partition]):
             write_table(persona, outbox, partition, key, value)
 
     for target, event in result.forwarded:
         identity.forward(target, event)
-    for _, event in released:
+    for record, event in released:
         if "linked_id" in event and event["user_id"] not in result.erasures:
-            identity.link(event, result.changed.get(event["user_id"]))
-    load = partial(_load, persona)
-    run_claims(persona, identity, result.changed, result.partition_of, write, load)
-    run_merges(
-        persona,
+            identity.link(event, record.partition)
+    load, is_erased = partial(_load, persona), partial(_is_erased, persona)
+    anonymous_ids = [anonymous_id for anonymous_id, _, _ in identity.links]
+    placed = partitions_for_keys([i.encode() for i in anonymous_ids], link_partitions)
+    owned_partition_of = {
+        anonymous_id: partition
+        for anonymous_id, partition in zip(anonymous_ids, placed, strict=True)
+        if partition in persona.partition_events
+    }
+    claimed, noted = run_links(
         identity,
         result.changed,
         result.partition_of,
-        load,
-        partial(_is_erased, persona),
-        write,
+        local_partition=owned_partition_of.get,
+        has_profile=lambda user_id: persona.profiles.get(user_id.encode()) is not None,
+        alias_of=partial(alias_of, persona),
+        is_erased=is_erased,
+        load=load,
+        write=write,
     )
+    for step, count in ((CLAIM, claimed), (MERGE, noted)):
+        if count:
+            persona.metrics.identity_links.labels(step=step).inc(count)
+    run_claims(persona, identity, result.changed, result.partition_of, write, load)
+    run_merges(persona, identity, result.changed, result.partition_of, load, is_erased, write)
     run_unlinks(persona, identity, write)
 
 
@@ -997,7 +1017,8 @@ async def _ingest(persona: Persona, events: list[EventT]) -> None:
         clocks.observe(partition, max_ts, wall_now)
     outbox = Outbox(persona.app.producer)
     outputs = erase_users(persona, result.erasures, event_of_partition, identity, outbox)
-    _stitch_identities(persona, identity, released, result, event_of_partition, outbox)
+    link_partitions = len(await persona.app.producer._producer.partitions_for(links_topic))
+    _stitch_identities(persona, identity, released, result, outbox, link_partitions)
     await _let_sends_run()
 
     changed = result.changed

@@ -18,6 +18,12 @@ internal topic ``<app>-identity-links`` (co-partitioned, keyed by the id whose p
 
 Every step is idempotent under re-delivery, and each is sent before the batch that caused it is
 acknowledged, so a crash repeats a step but never drops one.
+
+Most links are logins: an anonymous id with no events of its own, so no profile to move. When
+its partition is this worker's too, claim and merge run on the spot, in the identify's own batch
+(:func:`run_links`): the alias entry in, the id noted in the user's profile, no message through
+the topic and no second write of the user (a newsletter's logins had doubled the messages the
+worker handled).
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ class IdentityWork:
     claims: list[tuple[str, str, int]] = field(default_factory=list)
     """(anonymous id, user id, partition)."""
     merges: list[tuple[str, str, dict[str, Any] | None, int]] = field(default_factory=list)
+    links: list[tuple[str, str, int]] = field(default_factory=list)
+    """(anonymous id, user id, the user's partition) of this batch's identify/alias events."""
     unlinks: list[tuple[str, str, int]] = field(default_factory=list)
     outgoing: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     """(key, message) for the identity-links topic."""
@@ -93,11 +101,11 @@ class IdentityWork:
     def forward(self, user_id: str, event: Event) -> None:
         self.send(user_id, FORWARD, event={**event, "user_id": user_id})
 
-    def link(self, event: Event, known: dict[str, Any] | None) -> None:
-        """An applied identify/alias event: claim its anonymous id unless already merged."""
+    def link(self, event: Event, partition: int) -> None:
+        """An identify/alias event of ``partition``: its link is stitched by :func:`run_links`."""
         anonymous_id = event.get("linked_id")
-        if anonymous_id and (known is None or not already_merged(known, anonymous_id)):
-            self.send(anonymous_id, CLAIM, anonymous_id=anonymous_id, user_id=event["user_id"])
+        if anonymous_id:
+            self.links.append((anonymous_id, event["user_id"], partition))
 
     def unlink_all(self, erased: dict[str, Any]) -> None:
         """The user ``erased`` is gone: so are the aliases of the anonymous ids merged into it."""
@@ -129,6 +137,75 @@ def alias_of(persona: Persona, user_id: str) -> str | None:
     """The known user an anonymous id was merged into, if it was."""
     target = internal_entry(persona, alias_key(user_id))
     return target.decode() if target else None
+
+
+def run_links(
+    work: IdentityWork,
+    changed: dict[str, dict[str, Any]],
+    partition_of: dict[str, int],
+    *,
+    local_partition: Callable[[str], int | None],
+    has_profile: Callable[[str], bool],
+    alias_of: Callable[[str], str | None],
+    is_erased: Callable[[str], bool],
+    load: Callable[[str], dict[str, Any] | None],
+    write: TableWrite,
+) -> tuple[int, int]:
+    """Stitch this batch's links: claims and merges done here, and claims sent on.
+
+    A link whose anonymous id has no profile (no events of its own) and whose partition is this
+    worker's (``local_partition`` gives it, else None) is stitched on the spot: the id is noted
+    in the user's profile (as a merge would) and the alias entry written (as a claim would).
+    Each half checks its own result (the id noted, the alias pointing to the user), so a batch
+    cut between the two table writes and run again does the missing half. Any other link sends
+    a claim to the anonymous id's partition, unless the user has merged the id already.
+    Returns (claims, merges) done here.
+    """
+    claimed = noted = 0
+    for anonymous_id, user_id, partition in work.links:
+        known = changed.get(user_id)
+        anonymous_partition = local_partition(anonymous_id)
+        if anonymous_partition is None or anonymous_id in changed or has_profile(anonymous_id):
+            if known is None or not already_merged(known, anonymous_id):
+                work.send(anonymous_id, CLAIM, anonymous_id=anonymous_id, user_id=user_id)
+            continue
+        if is_erased(user_id):
+            continue  # the claim would be unlinked again (see run_merges)
+        noted += note_merged(anonymous_id, user_id, partition, changed, partition_of, load, write)
+        if alias_of(anonymous_id) != user_id:
+            write(anonymous_partition, alias_key(anonymous_id), user_id.encode())
+            work.relinked[anonymous_id] = user_id
+            claimed += 1
+    return claimed, noted
+
+
+def note_merged(
+    anonymous_id: str,
+    user_id: str,
+    partition: int,
+    changed: dict[str, dict[str, Any]],
+    partition_of: dict[str, int],
+    load: Callable[[str], dict[str, Any] | None],
+    write: TableWrite,
+) -> bool:
+    """Note in the user's profile that ``anonymous_id``, which brings no profile, was merged;
+    False if it was already. A profile this batch changes takes the note along; a stored one is
+    written back as it is, neither scored nor sent to Redis again (nothing they show changed).
+    """
+    known = changed.get(user_id)
+    if known is None:
+        known = load(user_id)
+        if known is not None and not already_merged(known, anonymous_id):
+            record_merged(known, anonymous_id)
+            write(partition, user_id.encode(), profile_codec.encode(known))
+            return True
+    if known is not None and already_merged(known, anonymous_id):
+        return False
+    merged = known if known is not None else new_profile(user_id)
+    record_merged(merged, anonymous_id)
+    changed[user_id] = merged
+    partition_of[user_id] = partition
+    return True
 
 
 def run_claims(
@@ -170,9 +247,7 @@ def run_merges(
     """Step 2 on the user's partition: fold the anonymous profile into the user's.
 
     An anonymous id without events of its own (a login's identify, most often) brings nothing
-    to fold: the user's stored profile only notes the id, written back as it is, neither scored
-    nor sent to Redis again (nothing they show changed); a profile this batch changes anyway
-    takes the note along.
+    to fold: the user's profile only notes it (:func:`note_merged`).
     """
     settings = persona.settings
     folded = 0
@@ -180,20 +255,15 @@ def run_merges(
         if is_erased(user_id):
             work.send(anonymous_id, UNLINK, anonymous_id=anonymous_id, user_id=user_id)
             continue
+        if anonymous is None:
+            folded += note_merged(
+                anonymous_id, user_id, partition, changed, partition_of, load, write
+            )
+            continue
         known = changed.get(user_id) or load(user_id)
         if known is not None and already_merged(known, anonymous_id):
             continue
         folded += 1
-        if anonymous is None:
-            if known is not None and user_id not in changed:
-                record_merged(known, anonymous_id)
-                write(partition, user_id.encode(), profile_codec.encode(known))
-                continue
-            merged = known if known is not None else new_profile(user_id)
-            record_merged(merged, anonymous_id)
-            changed[user_id] = merged
-            partition_of[user_id] = partition
-            continue
         merged = merge_profiles(
             known,
             anonymous,

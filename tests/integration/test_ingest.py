@@ -577,21 +577,32 @@ def test_identify_merges_the_anonymous_profile_and_both_ids_reach_it(engine, red
 
 
 def test_a_login_with_an_id_that_had_no_events_only_notes_the_id(engine, redis_client) -> None:
-    """The identify of an anonymous id without events of its own (the common login): the
-    claim finds no profile to move, so the merge only notes the id in the user's stored
-    profile; the user is not scored or written to Redis a second time, and a second login with
-    the same id claims nothing."""
+    """The identify of an anonymous id without events of its own (the common login): there is
+    no profile to move, so the user's profile only notes the id; the user is not scored or
+    written to Redis a second time, and a second login with the same id claims nothing. The
+    one worker owns both partitions, so the link is stitched in the identify's own batch:
+    nothing goes through the identity-links topic."""
     from streams.backtest import read_topic_records
     from streams.bench import gauge
 
     settings, worker = engine
     user, anon = "it-hana", "anon-hana-2"
-    assert partition_of(user, settings.partitions) != partition_of(anon, settings.partitions)
-    send(
-        settings,
-        [clickstream(settings, event(user, "Product Viewed", "h1", "2024-03-01T10:00:00Z"))],
+    anon_partition = partition_of(anon, settings.partitions)
+    assert partition_of(user, settings.partitions) != anon_partition
+    # The worker stitches a link on the spot on a partition it has seen events of: another
+    # user's event there first.
+    neighbour = next(
+        f"it-hana-neighbour-{i}"
+        for i in range(1000)
+        if partition_of(f"it-hana-neighbour-{i}", settings.partitions) == anon_partition
     )
+    first = [
+        event(user, "Product Viewed", "h1", "2024-03-01T10:00:00Z"),
+        event(neighbour, "Product Viewed", "h0", "2024-03-01T10:00:00Z"),
+    ]
+    send(settings, [clickstream(settings, e) for e in first])
     wait_until(lambda: profile(redis_client, user).get("events") == "1", what="known profile")
+    wait_until(lambda: profile(redis_client, neighbour).get("events") == "1", what="neighbour")
 
     def counts() -> tuple[int, int, int, int]:
         text = worker.scrape() or ""
@@ -645,6 +656,11 @@ def test_a_login_with_an_id_that_had_no_events_only_notes_the_id(engine, redis_c
 
     stored = [r.value for r in changelog if r.key == user.encode() and r.value is not None]
     assert profile_codec.decode(stored[-1])["merged_from"] == [anon]
+    assert [r.value for r in changelog if r.key == b"\x00alias/" + anon.encode()] == [user.encode()]
+    links = asyncio.run(
+        read_topic_records(settings.broker_url, f"{settings.app_id}-identity-links")
+    )
+    assert not [r for r in links if r.key in (user.encode(), anon.encode())]
 
     second = {**identify, "messageId": "h3", "timestamp": "2024-03-01T10:03:00Z"}
     send(settings, [clickstream(settings, second)])
