@@ -62,3 +62,25 @@ def test_remembered_hashes_give_the_same_partitions_and_stay_bounded(
     assert hashed == [len(set(keys[:1] + more))]
     assert len(partitioner._positive_hashes) <= 500
     assert partitions_for_keys(keys, 7) == want
+
+
+def test_a_few_keys_are_hashed_one_by_one_to_the_same_partitions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from connectors import partitioner
+
+    monkeypatch.setattr(partitioner, "_positive_hashes", {})
+    hashed: list[int] = []
+
+    def counting_murmur2(batch: list[bytes]) -> object:
+        hashed.append(len(batch))
+        return murmur2(batch)
+
+    monkeypatch.setattr(partitioner, "murmur2", counting_murmur2)
+    everyone = list(range(5))
+    few = random_keys(6, partitioner.FEW_KEYS - 1)
+    many = random_keys(7, partitioner.FEW_KEYS)
+    for keys in (few, many):
+        want = [DefaultPartitioner()(k, everyone, everyone) for k in keys]
+        assert partitions_for_keys(keys, 5) == want
+    assert hashed == [len(set(many))]  # the few went one by one, the many as arrays
