@@ -14,6 +14,7 @@ wall-clock time: ``ts`` is the event time in epoch seconds.
 from __future__ import annotations
 
 import functools
+import math
 from datetime import UTC, datetime
 from typing import Any, NotRequired, TypedDict
 
@@ -95,7 +96,22 @@ def iso_utc(ts: float) -> str:
     """Epoch seconds as ISO-8601 UTC with milliseconds and ``Z``: the form of every time Persona
     writes.
 
-    >>> iso_utc(1_700_000_000.0)
-    '2023-11-14T22:13:20.000Z'
+    The same string as ``datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")``
+    (microseconds rounded half to even, then cut to milliseconds), with the date and time of
+    the whole second formatted once: a ``datetime`` per call was most of a miss's cost.
+
+    >>> iso_utc(1_700_000_000.0), iso_utc(1_700_000_000.9999996)
+    ('2023-11-14T22:13:20.000Z', '2023-11-14T22:13:21.000Z')
     """
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    fraction, whole = math.modf(ts)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    return f"{_iso_second(int(whole))}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat()[:-6]

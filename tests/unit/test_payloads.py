@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -333,3 +334,15 @@ def test_no_pii_keys_in_any_payload() -> None:
     for payload in payloads:
         assert payload is not None
         assert not keys_of(payload) & PII_KEYS, payload["type"]
+
+
+def test_iso_utc_is_datetimes_millisecond_form_to_the_rounding() -> None:
+    from datetime import UTC, datetime
+
+    rng = random.Random(11)
+    times = [rng.uniform(0, 4e9) for _ in range(20000)]
+    times += [T0 + k / 1000 + d for k in range(2000) for d in (0.0, 4e-7, 5e-7, 9.995e-4)]
+    times += [T0 + 0.9999995, T0 + 0.9999996, T0 - 4e-7, 0.0, 1.5]
+    for ts in times:
+        want = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+        assert iso_utc(ts) == want, ts
