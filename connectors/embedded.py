@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -38,29 +37,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def free_port_below_ephemeral(host: str = "127.0.0.1") -> int:
-    """A free TCP port below the kernel's ephemeral range: one that stays free while its
-    server is down. A port from :func:`free_port` lies in that range, where any outgoing
-    connection may take it as its source port; a client retrying a connection to it while
-    nothing listens can even connect to itself there (TCP simultaneous open) and hold it.
-    """
-    first = 32768
-    with contextlib.suppress(OSError, ValueError):
-        first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    low = 10000 if first > 12000 else 1024
-    span = first - low
-    start = os.getpid() * 7919 % span  # processes that look at once start apart
-    for step in range(span):
-        port = low + (start + step) % span
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise EmbeddedServerError(f"no free port between {low} and {first} on {host}")
 
 
 def _die_with_parent() -> None:
@@ -127,17 +103,10 @@ class EmbeddedServer:
         except OSError:
             return False
 
-    def start(
-        self,
-        timeout: float = 20.0,
-        attempts: int = 3,
-        *,
-        pick_port: Callable[[str], int] = free_port,
-    ) -> Self:
-        """Start on a free port (``pick_port(host)``) and wait until ready; retry if another
-        process took the port."""
+    def start(self, timeout: float = 20.0, attempts: int = 3) -> Self:
+        """Start on a free port and wait until ready; retry if another process took the port."""
         for _ in range(attempts):
-            self.port = pick_port(self.host)
+            self.port = free_port(self.host)
             self._proc = spawn(self.command(), self.log_path)
             atexit.register(self.stop)
             deadline = time.monotonic() + timeout

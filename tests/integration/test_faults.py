@@ -46,7 +46,6 @@ from connectors.embedded import (
     EmbeddedBroker,
     EmbeddedRedis,
     free_port,
-    free_port_below_ephemeral,
     spawn,
     stop_process_group,
 )
@@ -612,9 +611,7 @@ def test_redis_outage_worker_pauses_then_rewrites_whole_profiles(
     full = sim_log.expected()
     after = set(sim_log.expected(second))
     with contextlib.ExitStack() as stack:
-        # Below the ephemeral range: the worker's reconnects (or any other client's) cannot take
-        # the port as a source port while the server is down (a free_port() one was, once).
-        own_redis = EmbeddedRedis(tmp_path).start(pick_port=free_port_below_ephemeral)
+        own_redis = EmbeddedRedis(tmp_path).start()
         stack.callback(own_redis.stop)
         settings = settings_for(broker, own_redis, tmp_path, db=None)
         worker = WorkerProcess(settings, tmp_path / "worker.log").start()
