@@ -580,7 +580,11 @@ def redis_answers(url: str) -> bool:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether a server can listen on ``port`` again. With SO_REUSEADDR, as valkey binds: the
+    stopped server's side of each client connection lingers in TIME_WAIT on that port, which
+    fails a plain bind but not the server's."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
