@@ -98,6 +98,13 @@ class IdentityWork:
     def send(self, key: str, op: str, **fields: Any) -> None:
         self.outgoing.append((key, {"op": op, **fields}))
 
+    def point_alias(
+        self, write: TableWrite, partition: int, anonymous_id: str, user_id: str | None
+    ) -> None:
+        """Point the anonymous id's alias entry to ``user_id`` (None: drop it); Redis follows."""
+        write(partition, alias_key(anonymous_id), None if user_id is None else user_id.encode())
+        self.relinked[anonymous_id] = user_id
+
     def forward(self, user_id: str, event: Event) -> None:
         self.send(user_id, FORWARD, event={**event, "user_id": user_id})
 
@@ -163,9 +170,9 @@ def run_links(
     """
     claimed = noted = 0
     for anonymous_id, user_id, partition in work.links:
-        known = changed.get(user_id)
         anonymous_partition = local_partition(anonymous_id)
         if anonymous_partition is None or anonymous_id in changed or has_profile(anonymous_id):
+            known = changed.get(user_id)
             if known is None or not already_merged(known, anonymous_id):
                 work.send(anonymous_id, CLAIM, anonymous_id=anonymous_id, user_id=user_id)
             continue
@@ -173,8 +180,7 @@ def run_links(
             continue  # the claim would be unlinked again (see run_merges)
         noted += note_merged(anonymous_id, user_id, partition, changed, partition_of, load, write)
         if alias_of(anonymous_id) != user_id:
-            write(anonymous_partition, alias_key(anonymous_id), user_id.encode())
-            work.relinked[anonymous_id] = user_id
+            work.point_alias(write, anonymous_partition, anonymous_id, user_id)
             claimed += 1
     return claimed, noted
 
@@ -192,18 +198,22 @@ def note_merged(
     False if it was already. A profile this batch changes takes the note along; a stored one is
     written back as it is, neither scored nor sent to Redis again (nothing they show changed).
     """
-    known = changed.get(user_id)
-    if known is None:
-        known = load(user_id)
-        if known is not None and not already_merged(known, anonymous_id):
-            record_merged(known, anonymous_id)
-            write(partition, user_id.encode(), profile_codec.encode(known))
-            return True
-    if known is not None and already_merged(known, anonymous_id):
-        return False
-    merged = known if known is not None else new_profile(user_id)
-    record_merged(merged, anonymous_id)
-    changed[user_id] = merged
+    changing = changed.get(user_id)
+    if changing is not None:
+        if already_merged(changing, anonymous_id):
+            return False
+        record_merged(changing, anonymous_id)
+        return True
+    stored = load(user_id)
+    if stored is not None:
+        if already_merged(stored, anonymous_id):
+            return False
+        record_merged(stored, anonymous_id)
+        write(partition, user_id.encode(), profile_codec.encode(stored))
+        return True
+    profile = new_profile(user_id)  # no events of its own yet
+    record_merged(profile, anonymous_id)
+    changed[user_id] = profile
     partition_of[user_id] = partition
     return True
 
@@ -227,8 +237,7 @@ def run_claims(
             write(partition, anonymous_id.encode(), None)
             segment = (profile.get("triggers") or {}).get("segment")
             move_segment(persona.segment_counts, partition, segment, None)
-        write(partition, alias_key(anonymous_id), user_id.encode())
-        work.relinked[anonymous_id] = user_id
+        work.point_alias(write, partition, anonymous_id, user_id)
         work.send(user_id, MERGE, anonymous_id=anonymous_id, user_id=user_id, profile=profile)
         claimed += 1
     if claimed:  # one labels() lookup a batch, not one a claim
@@ -282,6 +291,5 @@ def run_unlinks(persona: Persona, work: IdentityWork, write: TableWrite) -> None
     """Step 4 on the anonymous id's partition: the alias of an erased user goes."""
     for anonymous_id, user_id, partition in work.unlinks:
         if alias_of(persona, anonymous_id) == user_id:
-            write(partition, alias_key(anonymous_id), None)
-            work.relinked[anonymous_id] = None
+            work.point_alias(write, partition, anonymous_id, None)
             persona.metrics.identity_links.labels(step=UNLINK).inc()
