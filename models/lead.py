@@ -150,11 +150,27 @@ class LeadModel:
         all contributions plus :attr:`intercept` give the logit of :meth:`predict_one`.
         Zero contributions are left out; ties keep column order.
         """
-        z = self._standardize(self._matrix([x], grow=False))[0]
-        contrib = z * self._theta[1:]
-        order = np.argsort(-np.abs(contrib), kind="stable")
-        out = [(self._names[j], float(contrib[j])) for j in order[:top_k] if contrib[j] != 0.0]
-        return out
+        return self.explain_many([x], top_k)[0]
+
+    def explain_many(
+        self, xs: Sequence[Mapping[str, Any]], top_k: int = 5
+    ) -> list[list[tuple[str, float]]]:
+        """:meth:`explain` for each feature dict, from one matrix for the whole batch.
+
+        Scoring explains every profile it scores: one at a time that cost about 80 µs a
+        profile (a matrix, a standardization and a sort each), more than the rest of its
+        lead score.
+        """
+        if not xs:
+            return []
+        contrib = self._standardize(self._matrix(xs, grow=False)) * self._theta[1:]
+        top = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :top_k]
+        values = np.take_along_axis(contrib, top, axis=1).tolist()
+        names = self._names
+        return [
+            [(names[j], c) for j, c in zip(columns, row, strict=True) if c != 0.0]
+            for columns, row in zip(top.tolist(), values, strict=True)
+        ]
 
     # ----------------------------------------------------------------------------- learning
 

@@ -236,6 +236,11 @@ class Engine:
         vectors = [feature_vector(p, now=t) for p, t in zip(plist, nows, strict=True)]
         clusters = self.clusters.assign_many(vectors) if self.clusters.ready else None
         scores = self.lead.predict_many(vectors)
+        explanations = (
+            self.lead.explain_many(vectors, top_k=3)
+            if self.lead.examples_seen
+            else [[] for _ in vectors]
+        )
         segments = [self.segmenter.assign(p, now=t) for p, t in zip(plist, nows, strict=True)]
         decisions = self.policy.decide_many(
             plist, now=nows, features=vectors, segments=[s for s, _ in segments]
@@ -257,7 +262,7 @@ class Engine:
                 )  # fmt: skip
                 out.emissions.append(Emission("segment_changes", key, payload))
 
-            explanation = self.lead.explain(vector, top_k=3) if self.lead.examples_seen else []
+            explanation = explanations[i]
             transition = triggers.hot_lead_transition(state, score, enter=enter, exit=leave)
             if transition is not None:
                 payload = hot_lead_payload(

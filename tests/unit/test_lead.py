@@ -143,6 +143,26 @@ def test_explain_sums_to_the_logit() -> None:
     assert top2 == everything[:2] and top2[0][0] == "a"
 
 
+def test_explain_many_explains_each_row_as_explain_does() -> None:
+    model = LeadModel()
+    xs, ys = logistic_data(2000, seed=12)
+    fit(model, xs, ys)
+    batch = [*xs[:40], {"a": 0.5, "plan": "free"}, {"b": 3.0, "plan": "premium", "new": 1.0}]
+    full = model.explain_many(batch, top_k=100)
+    p = model.predict_many(batch)
+    logits = np.log(p / (1 - p))
+    for x, everything, logit in zip(batch, full, logits, strict=True):
+        assert math.isclose(model.intercept + sum(c for _, c in everything), logit, abs_tol=1e-9)
+        mags = [abs(c) for _, c in everything]
+        assert mags == sorted(mags, reverse=True) and 0.0 not in mags
+        assert model.explain(x, top_k=100) == everything
+    top3 = model.explain_many(batch, top_k=3)
+    assert top3 == [everything[:3] for everything in full]
+    assert [len(row) for row in top3] == [min(3, len(everything)) for everything in full]
+    assert len(full[-2]) == 2  # "a" and "plan=free": a missing number contributes nothing
+    assert model.explain_many([], top_k=3) == []
+
+
 def test_forgetting_follows_a_concept_flip() -> None:
     model = LeadModel(forget_half_life=2000)
     xs, ys = logistic_data(6000, seed=10)
