@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -78,9 +79,13 @@ from connectors.embedded import EmbeddedBroker, EmbeddedRedis, free_port, spawn
 from connectors.embedded import stop_process_group as _stop_group
 from connectors.kafka import Message, bootstrap_servers, produce_all
 from connectors.redis_cache import ProfileCache
+from connectors.segment import parse_event
 from connectors.simulator import ShopperSimulator
 from models import profile_codec
-from streams.app import build_engine
+from models.features import apply_event, feature_vector, new_profile
+from models.lead import LeadModel
+from models.snapshots import sign
+from streams.app import build_engine, snapshots_topic_name
 from streams.clock import PartitionClocks, TimerIndex
 from streams.engine import (
     MODELS,
@@ -109,6 +114,8 @@ MEMORY_REORDER_MAX_HELD = 2000
 """The memory run's bound on events held for event-time order per partition: on prefilled
 topics the hold grows with how far one topic is read ahead of another (about 4 KB an event,
 a peak the allocator keeps), which is read-ahead, not profile memory."""
+WARM_LEAD_VERSION = 1
+"""Snapshot version of the trained lead model every engine run serves from its start."""
 POLL_S = 0.25
 """How often the engine's /metrics is read: each read renders every series (a few % of the
 worker's CPU at 10 per second); the end of a 30 s run is known to ±0.125 s."""
@@ -118,6 +125,8 @@ REDIS_DB = {"ceiling": 1, "engine": 2, "engine2": 3, "paced": 4, "memory": 5}
 PROFILE_WRITES = "persona_profile_writes_total"
 """Profiles scored and written to Redis: per event, 1 when no two events of a user share a batch,
 less the more they do (a prefilled topic read in batches of 1,000 coalesces most)."""
+LEAD_VERSION = 'persona_model_snapshot_version{model="lead"}'
+"""The lead snapshot a worker serves: :data:`WARM_LEAD_VERSION` once it has the warm model."""
 RESULT_KEYS = (
     "events", "workers", "engine_events_per_s", "ceiling_events_per_s", "ratio",
     "faust_count_events_per_s", "p50_ms", "p99_ms", "rss_mb_per_100k_profiles",
@@ -388,9 +397,54 @@ def _routed(settings: Settings, raw: Iterator[tuple[str, bytes, bytes]], n: int)
     return [(topics[stream], key, value) for stream, key, value in itertools.islice(raw, n)]
 
 
-async def _ceiling(settings: Settings, expected: int, timeout_s: float) -> Throughput:
-    """Plain aiokafka consumer + the engine's per-batch work, until ``expected`` events."""
+def warm_lead_model(users: int, seed: int, events: int) -> LeadModel:
+    """A trained lead model, for the ceiling and every engine run to score with.
+
+    A run's input spans about two days of event time, less than the lead model's horizon (a
+    week), so no label comes due and a worker started fresh scores with a model that learned
+    nothing: no explanations, every score the same, no hot lead. Production scores with a
+    trained model. So the simulator's first ``events`` messages are folded into profiles, and
+    each profile's features at its last event are labelled by a seeded draw from its user's
+    true 7-day purchase propensity (the simulator's ground truth): deterministic, about a
+    second of work.
+
+    >>> model = warm_lead_model(users=50, seed=1, events=600)
+    >>> model.examples_seen > 10, len(model.explain_many([dict.fromkeys(model.feature_names, 1.0)]))
+    (True, 1)
+    """
+    sim = ShopperSimulator(users, seed)
+    propensity = {u["user_id"]: u["purchase_propensity"] for u in sim.ground_truth()}
+    profiles: dict[str, dict[str, Any]] = {}
+    now = time.time()
+    for _, _, value in itertools.islice(sim.raw_messages(), events):
+        event = parse_event(value, now=now)
+        if isinstance(event, dict):
+            user_id = event["user_id"]
+            profile = profiles.get(user_id) or profiles.setdefault(user_id, new_profile(user_id))
+            apply_event(profile, event)
+    known = [p for u, p in profiles.items() if u in propensity]
+    xs = [feature_vector(p, now=p["last_seen"]) for p in known]
+    draws = np.random.default_rng(seed).random(len(known))
+    ys = [int(d < propensity[p["user_id"]]) for d, p in zip(draws, known, strict=True)]
+    model = LeadModel()
+    for start in range(0, len(xs), 1000):  # the trainer's batches
+        model.learn_many(xs[start : start + 1000], ys[start : start + 1000])
+    return model
+
+
+def _signed_lead_snapshot(model: LeadModel, settings: Settings) -> bytes:
+    trainer = TrainerState("lead", model, WARM_LEAD_VERSION, model.examples_seen)
+    return sign(trainer.snapshot(published_at=time.time()), settings.snapshot_secret.encode())
+
+
+async def _ceiling(
+    settings: Settings, expected: int, timeout_s: float, lead: LeadModel | None = None
+) -> Throughput:
+    """Plain aiokafka consumer + the engine's per-batch work, until ``expected`` events,
+    scoring with ``lead`` when given (see :func:`warm_lead_model`)."""
     engine = build_engine(settings)
+    if lead is not None:
+        engine.swap("lead", lead)
     tune_gc(settings.gc_gen0_threshold)  # as the worker does
     topics = list(settings.input_topics.values())
     consumer = AIOKafkaConsumer(
@@ -570,8 +624,15 @@ def _faust_count(settings: Settings, expected: int, data_dir: Path, timeout_s: f
 
 
 @contextlib.contextmanager
-def _engine_workers(settings: Settings, count: int) -> Iterator[list[WorkerProcess]]:
-    """``count`` workers of one app (one consumer group), each with its own port, dir and log."""
+def _engine_workers(
+    settings: Settings, count: int, lead: LeadModel | None = None
+) -> Iterator[list[WorkerProcess]]:
+    """``count`` workers of one app (one consumer group), each with its own port, dir and log;
+    with ``lead``, published as the app's lead snapshot before they start, so they serve it from
+    their first batch (they read the snapshots topic before the group has formed)."""
+    if lead is not None:
+        snapshot = (snapshots_topic_name(settings), b"lead", _signed_lead_snapshot(lead, settings))
+        asyncio.run(produce_all(settings.broker_url, [snapshot]))
     with contextlib.ExitStack() as stack:
         workers = []
         for i in range(count):
@@ -719,12 +780,14 @@ def run_bench(
         result["events"] = n
         result["batch_size"] = base.batch_size
         servers_pids = {"broker": broker.pid or 0, "redis": redis.pid or 0}
+        lead = warm_lead_model(users, seed, n)
+        result["lead_model_examples"] = lead.examples_seen
 
         # 1. the ceiling
         ceiling_settings = _settings(broker, redis, data_dir, "ceiling", partitions)
         # On uvloop, as the worker and the count-only agent run: the same loop for every contender.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            ceiling = runner.run(_ceiling(ceiling_settings, n, timeout_s))
+            ceiling = runner.run(_ceiling(ceiling_settings, n, timeout_s, lead))
         result["ceiling_events_per_s"] = round(ceiling.events_per_s, 1)
         result["ceiling_profile_writes_per_event"] = _round(ceiling.profile_writes_per_event)
         result["ceiling_cpu_cores"] = _round(ceiling.cpu_cores)
@@ -738,7 +801,7 @@ def run_bench(
         # 3. two workers, before the latency run adds events to the topics
         if workers == 2:
             two_settings = _settings(broker, redis, data_dir, "engine2", partitions)
-            with _engine_workers(two_settings, 2) as pair:
+            with _engine_workers(two_settings, 2, lead) as pair:
                 two = _Poll(pair, duplicates=False, others=servers_pids).until(n, timeout_s)
                 texts = [w.scrape() or "" for w in pair]
                 result["two_worker_redelivered"] = sum(events_counted(t) for t in texts) - sum(
@@ -750,7 +813,7 @@ def run_bench(
 
         # 4. the engine, then 5. its latency at half that rate
         engine_settings = _settings(broker, redis, data_dir, "engine", partitions)
-        with _engine_workers(engine_settings, 1) as (worker,):
+        with _engine_workers(engine_settings, 1, lead) as (worker,):
             assert worker.pid is not None
             rss_start = rss_kib(worker.pid)
             held_at_halfway: list[int] = []
@@ -767,8 +830,10 @@ def run_bench(
                 recorded = profiler.stop() if profiler else None
             rss_end = rss_kib(worker.pid)
             profiles = asyncio.run(_count_profiles(engine_settings.redis_url))
-            writes = gauge(worker.scrape() or "", PROFILE_WRITES)
+            exposition = worker.scrape() or ""
+            writes = gauge(exposition, PROFILE_WRITES)
             result["engine_profile_writes_per_event"] = round(writes / n, 2)
+            result["engine_lead_model_version"] = gauge(exposition, LEAD_VERSION)
             result["store"] = engine_settings.store
             result["engine_events_per_s"] = round(engine.events_per_s, 1)
             result["engine_cpu_cores"] = _round(engine.cpu_cores)
@@ -796,7 +861,7 @@ def run_bench(
             broker, redis, data_dir, "paced", partitions, topic_prefix=PACED_TOPIC_PREFIX
         )
         same = _routed(paced_settings, ShopperSimulator(users, seed).raw_messages(), n)
-        with _engine_workers(paced_settings, 1) as (worker,):
+        with _engine_workers(paced_settings, 1, lead) as (worker,):
             assert worker.pid is not None
             worker.wait_ready()  # else the first events wait for the group to form
             paced_rss_start = rss_kib(worker.pid)
@@ -1059,6 +1124,10 @@ def format_report(result: dict[str, Any]) -> str:
         "batch to the end of the last;",
         "  the engine's counts come from its /metrics every 0.25 s (end = middle of the poll "
         "interval that reached the total).",
+        "  models: every contender scores with the same trained lead model "
+        f"({result.get('lead_model_examples', 0):,} examples, served by the engine as snapshot "
+        f"{result.get('engine_lead_model_version', 0)}): the input's two days of event time are "
+        "shorter than its label horizon.",
         "  ceiling: in-process aiokafka getmany + parse, event-time reorder, apply+after_event, "
         "timers, score, a dict of stored (zstd) profiles,",
         "  the trainers' learning, one Redis pipeline per batch; no changelog, no trigger or "

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from streams import cli
-from streams.bench import RESULT_KEYS, format_report, run_bench
+from streams.bench import RESULT_KEYS, WARM_LEAD_VERSION, format_report, run_bench
 
 pytestmark = pytest.mark.integration
 
@@ -94,6 +94,9 @@ def test_bench_reports_every_number_and_leaves_no_process(
     # Every event changes a profile; several events of one user in one batch are written once.
     assert 0 < result["engine_profile_writes_per_event"] <= result["profile_writes_per_event"]
     assert 0 < result["profiles"] <= 1000
+    # Every contender scored with the trained lead model; the engine served it as published.
+    assert result["lead_model_examples"] > 100
+    assert result["engine_lead_model_version"] == WARM_LEAD_VERSION
     assert result["machine"]["nproc"] >= 1 and result["machine"]["cpu_model"]
     report = format_report(result)
     assert "events/s" in report and "p99" in report and "per 100k profiles" in report
