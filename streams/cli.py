@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--users", type=_positive_int, default=10_000)
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--workers", type=int, choices=(1, 2), default=1)
+    bench.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="ceiling and engine runs, back to back in pairs (the ratio is the pairs' median)",
+    )
     bench.add_argument("--partitions", type=_positive_int, default=4)
     bench.add_argument(
         "--memory-events",
@@ -301,6 +307,7 @@ def _bench(args: argparse.Namespace) -> int:
         users=args.users,
         seed=args.seed,
         workers=args.workers,
+        rounds=args.rounds,
         partitions=args.partitions,
         profile_path=args.profile,
         memory_events=args.memory_events or MEMORY_EVENTS,

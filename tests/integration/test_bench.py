@@ -62,7 +62,7 @@ def test_bench_reports_every_number_and_leaves_no_process(
 
     result = run_bench(
         5000, users=1000, seed=7, workers=2, partitions=4, data_dir=tmp_path,
-        memory_events=20_000, memory_users=20_000,
+        memory_events=20_000, memory_users=20_000, rounds=2,
     )  # fmt: skip
 
     for key in (*RESULT_KEYS, "two_worker_events_per_s", "scale_ratio", "machine"):
@@ -76,6 +76,15 @@ def test_bench_reports_every_number_and_leaves_no_process(
         value = result[key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
     assert result["p99_ms"] >= result["p50_ms"]
+    # Two rounds of a ceiling and an engine run: the figures are their medians (two: the mean).
+    rounds = result["rounds"]
+    assert len(rounds) == 2
+    for key in ("ceiling_events_per_s", "engine_events_per_s", "ratio"):
+        assert all(r[key] > 0 for r in rounds), (key, rounds)
+        assert result[key] == pytest.approx(sum(r[key] for r in rounds) / 2, rel=1e-9), key
+    assert all(
+        r["ratio"] == round(r["engine_events_per_s"] / r["ceiling_events_per_s"], 3) for r in rounds
+    )
     # Taken into a batch comes before written to Redis, event by event: so do the quantiles.
     assert 0 < result["received_p99_ms"] <= result["p99_ms"]
     assert 0 < result["later_received_p99_ms"] <= result["later_p99_ms"]
@@ -100,6 +109,7 @@ def test_bench_reports_every_number_and_leaves_no_process(
     assert result["machine"]["nproc"] >= 1 and result["machine"]["cpu_model"]
     report = format_report(result)
     assert "events/s" in report and "p99" in report and "per 100k profiles" in report
+    assert "2 rounds" in report
 
     assert processes_with(f"{TAG}={marker}".encode()) == []
     assert set(children_of(os.getpid())) <= children_before
