@@ -24,12 +24,18 @@ compete for the two cores with each other:
    triggers, trainer, metrics), started after the topics were filled; progress read from its
    ``/metrics`` every 0.25 s. Its resident memory (``VmRSS``) right after start-up and after the
    run is reported too (start-up growth and the reorder hold dominate it at 10k users).
-5. **later events**: the same worker, idle again, gets the next events of the simulator on the
-   same topics, paced at half its measured rate (:func:`~connectors.kafka.produce_all`
+   The ceiling and the engine run in ``rounds`` pairs, each engine run right after its ceiling
+   run, each under a consumer group of its own: the box's speed drifts by a third from one
+   minute to the next, and a pair run back to back shares the drift. The rates are the rounds'
+   medians, ``ratio`` the median of their ratios; the other figures are the last round's.
+   Every contender scores with the same trained lead model (:func:`warm_lead_model`).
+5. **later events**: the last round's worker, idle again, gets the next events of the simulator
+   on the same topics, paced at half the engine's rate (:func:`~connectors.kafka.produce_all`
    ``rate_per_s``); p50/p99 from the difference of its ``persona_latency_seconds`` histogram
    before and after (linear within a bucket, as Prometheus' ``histogram_quantile`` does). These
-   events cost more each than the first ones: the simulator compresses weeks into seconds, so
-   label horizons and attribution windows of every user scored earlier come due meanwhile.
+   events cost more each than the first ones: the attribution windows (a day of event time) and
+   abandoned carts of the users scored earlier come due meanwhile. (The input spans about two
+   days of event time: no lead horizon, a week, comes due in a run.)
 6. **latency** (the target): the same events as the engine run, produced again to their own
    topics (prefix ``bench-paced-``) at half the engine's rate while a fresh worker reads them:
    the workload whose maximum rate was measured, at half of it. Its memory per profile has no
@@ -1195,7 +1201,7 @@ def format_report(result: dict[str, Any]) -> str:
         "  interpolated linearly inside buckets (bounds 50, 100, 150, 200, 250, 300, 400, 500 ms, "
         "...). The target is read on the same events as the engine run, produced again",
         "  to their own topics at half its rate: the events that follow cost more each (the "
-        "simulator's compressed time brings weeks of label horizons due in seconds).",
+        "attribution windows and carts of the users scored before come due among them).",
         "  profile writes per event: profiles scored and written to the table and Redis (timers "
         "included); below 1 where a batch holds several events of one user.",
         "  memory: the memory run's worker VmRSS growth over the second half of its input "
