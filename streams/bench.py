@@ -426,8 +426,9 @@ def warm_lead_model(users: int, seed: int, events: int) -> LeadModel:
     for _, _, value in itertools.islice(sim.raw_messages(), events):
         event = parse_event(value, now=now)
         if isinstance(event, dict):
-            user_id = event["user_id"]
-            profile = profiles.get(user_id) or profiles.setdefault(user_id, new_profile(user_id))
+            profile = profiles.get(event["user_id"])
+            if profile is None:
+                profile = profiles[event["user_id"]] = new_profile(event["user_id"])
             apply_event(profile, event)
     known = [p for u, p in profiles.items() if u in propensity]
     xs = [feature_vector(p, now=p["last_seen"]) for p in known]
@@ -635,8 +636,9 @@ def _engine_workers(
     settings: Settings, count: int, lead: LeadModel | None = None
 ) -> Iterator[list[WorkerProcess]]:
     """``count`` workers of one app (one consumer group), each with its own port, dir and log;
-    with ``lead``, published as the app's lead snapshot before they start, so they serve it from
-    their first batch (they read the snapshots topic before the group has formed)."""
+    with ``lead``, published as the app's lead snapshot before they start: a worker reads the
+    snapshots from the start while its consumer group forms, so it serves the model from its
+    first batches (the served version is read from ``/metrics`` after the run)."""
     if lead is not None:
         snapshot = (snapshots_topic_name(settings), b"lead", _signed_lead_snapshot(lead, settings))
         asyncio.run(produce_all(settings.broker_url, [snapshot]))
