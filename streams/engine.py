@@ -235,12 +235,7 @@ class Engine:
         nows = [now_of[u] for u in user_ids]
         vectors = [feature_vector(p, now=t) for p, t in zip(plist, nows, strict=True)]
         clusters = self.clusters.assign_many(vectors) if self.clusters.ready else None
-        scores = self.lead.predict_many(vectors)
-        explanations = (
-            self.lead.explain_many(vectors, top_k=3)
-            if self.lead.examples_seen
-            else [[] for _ in vectors]
-        )
+        scores, explanations = self.lead.predict_explain_many(vectors, top_k=3)
         segments = [self.segmenter.assign(p, now=t) for p, t in zip(plist, nows, strict=True)]
         decisions = self.policy.decide_many(
             plist, now=nows, features=vectors, segments=[s for s, _ in segments]

@@ -161,6 +161,11 @@ def test_explain_many_explains_each_row_as_explain_does() -> None:
     assert [len(row) for row in top3] == [min(3, len(everything)) for everything in full]
     assert len(full[-2]) == 2  # "a" and "plan=free": a missing number contributes nothing
     assert model.explain_many([], top_k=3) == []
+    scores, explanations = model.predict_explain_many(batch, top_k=3)
+    assert np.array_equal(scores, p) and explanations == top3
+    untrained = LeadModel()
+    untrained.learn_many([], [])
+    assert untrained.explain_many(batch[:3], top_k=3) == [[], [], []]
 
 
 def test_forgetting_follows_a_concept_flip() -> None:
