@@ -20,11 +20,10 @@ True
 
 from __future__ import annotations
 
-import bisect
-import collections
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -308,7 +307,8 @@ class Metrics:
         if stage not in LATENCY_STAGES:
             raise ValueError(f"unknown latency stage {stage!r}; one of {LATENCY_STAGES}")
         now = self._clock() if now is None else now
-        ages = [max(0.0, now - t) for t in produced_at if t and t > 0]
+        stamps = np.fromiter(produced_at, dtype=float)  # a missing stamp (None) reads as NaN
+        ages = np.maximum(now - stamps[stamps > 0], 0.0)
         observe_many(self.latency.labels(stage=stage), ages)
 
     def set_consumer_lag(self, lags: Mapping[tuple[str, int], int]) -> None:
@@ -352,11 +352,12 @@ class Metrics:
             self._snapshot_age.now = None
 
 
-def observe_many(histogram: Histogram, values: list[float]) -> None:
+def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
     """``histogram.observe(v)`` for every ``v`` in ``values``, with one increment per bucket.
 
     ``observe`` takes a lock and walks the bucket bounds once per value: for the latency of
-    every event that was a measurable share of a batch. Same result, bucket by bucket:
+    every event that was a measurable share of a batch (and a bisect per value still cost about
+    a microsecond per event and stage). Same result, bucket by bucket:
 
     >>> registry = CollectorRegistry()
     >>> h = Histogram("h", "demo", buckets=(0.1, 1.0), registry=registry)
@@ -366,9 +367,12 @@ def observe_many(histogram: Histogram, values: list[float]) -> None:
     >>> registry.get_sample_value("h_sum"), registry.get_sample_value("h_count")
     (3.65, 4.0)
     """
-    if not values:
+    values = np.asarray(values, dtype=float)
+    if not values.size:
         return
     bounds = histogram._upper_bounds  # prometheus_client's own fields, as observe() uses them
-    for index, count in collections.Counter(bisect.bisect_left(bounds, v) for v in values).items():
-        histogram._buckets[index].inc(count)
-    histogram._sum.inc(sum(values))
+    # searchsorted "left" is bisect_left: a value on a bound counts in that bound's bucket (le).
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for index in np.flatnonzero(counts).tolist():
+        histogram._buckets[index].inc(int(counts[index]))
+    histogram._sum.inc(float(values.sum()))
