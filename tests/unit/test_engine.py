@@ -7,6 +7,8 @@ import orjson
 from connectors.segment import parse_event
 from models import profile_codec
 from models.config import load_config
+from models.features import feature_vector
+from models.lead import LeadModel
 from streams.clock import TimerIndex
 from streams.engine import Engine, EngineOptions, Outputs, now_for
 from streams.ingest import Record, ingest_batch
@@ -107,3 +109,34 @@ def test_run_due_fires_due_profiles_within_the_limit_and_reschedules_stale_entri
     rest, touched = engine.run_due(timers, 0, T0 + 3600, {}, table.get, limit=2)
     assert [user for user, _ in touched] == ["c"] and len(rest.emissions) == 1
     assert not timers.has_due(0, T0 + 3600)
+
+
+def test_scores_are_explained_by_the_served_lead_model() -> None:
+    """Each scored profile's Redis fields carry its lead score and the top three contributions
+    to it, as the served model explains that profile's features; none before it learned."""
+    engine = Engine(load_config(None))
+    users = [f"user-{i}" for i in range(30)]
+    values = [  # users differ, so an explanation given to the wrong user would show
+        event(u, "Product Added", 1, T0 + i, product_id="p1", price=5.0 + 7 * i, quantity=1 + i % 4)
+        for i, u in enumerate(users)
+    ] + [event(u, "Email Opened", 2, T0 + 60) for u in users[::2]]
+    _, untrained = run_outputs(engine, values)
+    assert {f["lead_explanation"] for f in untrained.redis_fields.values()} == {"[]"}
+
+    changed, _ = run_outputs(Engine(load_config(None)), values)
+    now = T0 + 60
+    vectors = {u: feature_vector(p, now=now_for(p, now)) for u, p in changed.items()}
+    model = LeadModel()
+    model.learn_many(list(vectors.values()), [i % 3 == 0 for i in range(len(vectors))])
+    engine = Engine(load_config(None))
+    engine.swap("lead", model)
+    _, out = run_outputs(engine, values)
+    assert set(out.redis_fields) == set(users)
+    for user, fields in out.redis_fields.items():
+        expected = [
+            {"feature": name, "contribution": round(c, 4)}
+            for name, c in model.explain(vectors[user], top_k=3)
+        ]
+        assert orjson.loads(fields["lead_explanation"]) == expected, user
+        assert len(expected) == 3
+        assert float(fields["lead_score"]) == round(model.predict_one(vectors[user]), 4)
