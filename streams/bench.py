@@ -1129,20 +1129,21 @@ def format_report(result: dict[str, Any]) -> str:
         f"{_cores(result.get('broker_cpu_cores'))}, Redis {_cores(result.get('redis_cpu_cores'))}; "
         f"{result.get('engine_profile_writes_per_event', 0):.2f} profile writes per event)"
         f"  ratio {result['ratio']:.2f}",
-        f"  faust count (take_events(1000) only)     {result['faust_count_events_per_s']:>10,.0f} "
-        f"events/s  ({_cores(result.get('faust_count_cpu_cores'))})",
     ]
     rounds = result.get("rounds") or []
     if len(rounds) > 1:
-        lines.insert(
-            len(lines) - 1,
+        lines.append(
             f"  {len(rounds)} rounds, each a ceiling run and then an engine run (medians above): "
             + ", ".join(
                 f"{r['ceiling_events_per_s']:,.0f} → {r['engine_events_per_s']:,.0f} "
                 f"({r['ratio']:.2f})"
                 for r in rounds
-            ),
+            )
         )
+    lines.append(
+        f"  faust count (take_events(1000) only)     {result['faust_count_events_per_s']:>10,.0f} "
+        f"events/s  ({_cores(result.get('faust_count_cpu_cores'))})"
+    )
     if result.get("two_worker_events_per_s") is not None:
         lines.append(
             f"  engine, 2 workers                        "
