@@ -915,7 +915,7 @@ def _index_partitions(persona: Persona, partitions: set[int]) -> None:
             continue
         due = persona.engine.next_due(profile)
         if due is not None:
-            persona.timers.schedule(partition, due, profile["user_id"])
+            persona.timers.schedule(partition, due, key)  # the table's own key object
         segment = (profile.get(TRIGGERS_KEY) or {}).get("segment")
         if segment:
             counts[partition][segment] += 1
@@ -1144,22 +1144,25 @@ async def _publish(
         outputs.extend(engine.score(part, now_of))  # each profile is scored on its own
         await _let_sends_run()
 
-    by_partition: dict[int, list[str]] = {}
+    by_partition: dict[int, list[tuple[str, bytes]]] = {}
     for user_id, profile in changed.items():
         partition = partition_of[user_id]
-        by_partition.setdefault(partition, []).append(user_id)
+        # One key object for the timer index and the table: the memory store keeps the one
+        # it is given for a new user, so the index holds no copy of it.
+        key = user_id.encode()
+        by_partition.setdefault(partition, []).append((user_id, key))
         due = engine.next_due(profile)
         if due is not None:
-            persona.timers.schedule(partition, due, user_id)
+            persona.timers.schedule(partition, due, key)
         new_segment = (profile.get(TRIGGERS_KEY) or {}).get("segment")
         move_segment(
             persona.segment_counts, partition, changes.old_segments.get(user_id), new_segment
         )
-    for partition, user_ids in by_partition.items():
+    for partition, users_keys in by_partition.items():
         with as_current_event(persona.partition_events[partition]):
-            for user_id in user_ids:
+            for user_id, key in users_keys:
                 value = profile_codec.encode(changed[user_id])
-                outbox.write(persona.profiles, partition, user_id.encode(), value)
+                outbox.write(persona.profiles, partition, key, value)
     metrics.observe_latency("profile_updated", produced_at)
 
     totals: Counter[str] = Counter()
@@ -1344,7 +1347,7 @@ async def run_due_chunk(persona: Persona, limit: int) -> int:
             partition,
             clocks.watermark(partition),
             changes.profiles,
-            lambda user_id: persona.profiles.get(user_id.encode()),
+            persona.profiles.get,
             limit=share,
         )
         changes.outputs.extend(due_outputs)

@@ -465,7 +465,7 @@ async def _ceiling(
         heartbeat_interval_ms=int(settings.heartbeat_s * 1000),
     )
     cache = ProfileCache(settings.redis_url)
-    table: dict[str, bytes] = {}
+    table: dict[bytes, bytes] = {}
     ordering = ReorderBuffer(topics, max_held=settings.reorder_max_held)
     clocks = PartitionClocks(lateness_s=settings.allowed_lateness_s, live=False)
     timers = TimerIndex()
@@ -481,7 +481,7 @@ async def _ceiling(
     everything_read = dict.fromkeys(topics, math.inf)
 
     def load(user_id: str) -> dict[str, Any] | None:
-        raw = table.get(user_id)
+        raw = table.get(user_id.encode())
         return profile_codec.decode(raw) if raw else None
 
     async def publish(
@@ -497,13 +497,13 @@ async def _ceiling(
         for model, examples in outputs.examples_by_model().items():
             learn(trainers[model], examples)
         for user_id, profile in changed.items():
-            partition = partition_of[user_id]
+            partition, key = partition_of[user_id], user_id.encode()
             due = engine.next_due(profile)
             if due is not None:
-                timers.schedule(partition, due, user_id)
+                timers.schedule(partition, due, key)
             new = (profile.get(TRIGGERS_KEY) or {}).get("segment")
             move_segment(segment_counts, partition, old.get(user_id), new)
-            table[user_id] = profile_codec.encode(profile)
+            table[key] = profile_codec.encode(profile)
         sizes = segment_sizes(segment_counts, set(partition_of.values()))
         await cache.write_profiles(
             outputs.redis_fields, lead_scores=outputs.lead_scores, segment_sizes=sizes

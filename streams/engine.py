@@ -350,7 +350,7 @@ class Engine:
         partition: int,
         watermark: float,
         changed: dict[str, dict[str, Any]],
-        stored: Callable[[str], bytes | None],
+        stored: Callable[[bytes], bytes | None],
         limit: int | None = None,
     ) -> tuple[Outputs, list[tuple[str, dict[str, Any]]]]:
         """Run the timers of ``partition`` due at ``watermark``: their outputs, and the profiles
@@ -358,18 +358,19 @@ class Engine:
         passes thousands of deadlines at once (label horizons and attribution windows of a busy
         hour) would otherwise hold one batch, and every event queued behind it, for seconds.
 
-        A due user is taken from ``changed`` (this batch's profiles) or loaded with ``stored``
-        (its stored bytes, see :mod:`models.profile_codec`). A heap entry can be stale (the
-        user's deadline moved on since, or a label horizon ends exactly at ``watermark``): when
-        the stored profile has nothing due, the timer is scheduled again and the profile is
-        neither scored nor written.
+        A due user is taken from ``changed`` (this batch's profiles, by user id) or loaded with
+        ``stored`` (its stored bytes by table key, see :mod:`models.profile_codec`). A timer
+        can be stale (the user's deadline moved on since, or a label horizon ends exactly at
+        ``watermark``): when the stored profile has nothing due, the timer is scheduled again
+        and the profile is neither scored nor written.
         """
         outputs = Outputs()
         touched = []
-        for user_id in timers.pop_due(partition, watermark, limit):
+        for key in timers.pop_due(partition, watermark, limit):
+            user_id = key.decode()
             profile, raw = changed.get(user_id), None
             if profile is None:
-                raw = stored(user_id)
+                raw = stored(key)
                 if raw is None:
                     continue  # erased since it was scheduled
                 raw = profile_codec.json_of(raw)
@@ -377,7 +378,7 @@ class Engine:
                 due = self.next_due(profile)
                 if due is None or due > watermark:  # stale: the deadline moved on
                     if due is not None:
-                        timers.schedule(partition, due, user_id)
+                        timers.schedule(partition, due, key)
                     continue
             fired = self.on_due(user_id, profile, watermark)
             idle = not (fired.emissions or fired.examples or fired.suppressed)
@@ -386,7 +387,7 @@ class Engine:
                 # past it): look again later, write nothing.
                 due = self.next_due(profile)
                 if due is not None:
-                    timers.schedule(partition, due, user_id)
+                    timers.schedule(partition, due, key)
                 continue
             outputs.extend(fired)
             touched.append((user_id, profile))  # timer state may change without a trigger

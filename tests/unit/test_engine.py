@@ -91,13 +91,13 @@ def test_abandoned_cart_fires_once_when_the_watermark_passes_the_deadline() -> N
 def test_run_due_fires_due_profiles_within_the_limit_and_reschedules_stale_entries() -> None:
     engine = Engine(load_config(None), EngineOptions(consent_default=False))
     changed, _ = run(engine, shopper("a") + shopper("b") + shopper("c"))
-    table = {user: profile_codec.encode(profile) for user, profile in changed.items()}
+    table = {user.encode(): profile_codec.encode(profile) for user, profile in changed.items()}
     deadline = engine.next_due(changed["a"])
     assert deadline is not None
     timers = TimerIndex()
-    for user in ("a", "b", "c"):
+    for user in (b"a", b"b", b"c"):
         timers.schedule(0, deadline, user)
-    timers.schedule(0, deadline - 100.0, "a")  # stale: a's deadline moved on since
+    timers.schedule(0, deadline - 100.0, b"a")  # stale: a's deadline moved on since
 
     early, touched = engine.run_due(timers, 0, deadline - 1.0, {}, table.get, limit=2)
     assert touched == [] and not early.emissions
