@@ -272,7 +272,6 @@ class Engine:
                 vector,
                 now,
                 horizon_s=self.options.lead_horizon_s,
-                user_id=user_id,
                 score=score,
             )
 
@@ -433,7 +432,7 @@ class Engine:
                 out.emissions.append(Emission("abandoned_cart", user_id.encode(), payload))
             else:
                 out.suppressed[("abandoned_cart", result.reason)] += 1
-        for example in labels.expire(profile.get(LEAD_KEY) or {}, watermark):
+        for example in labels.expire(profile.get(LEAD_KEY) or {}, watermark, user_id=user_id):
             out.examples.append(("lead", example))
         expired = offers.expire(
             profile.get(OFFERS_KEY) or {}, watermark, window_s=self.options.attribution_window_s

@@ -51,9 +51,9 @@ def test_features_are_copied() -> None:
 def test_purchase_labels_exactly_the_snapshots_whose_horizon_contains_it() -> None:
     s = labels.new_state()
     for k in range(3):
-        snap(s, T0 + k * DAY, user_id="u1")
+        snap(s, T0 + k * DAY)
     # At T0 + 1 day: the first snapshot is resolved; the one taken at the same instant is not.
-    pos = labels.on_purchase(s, T0 + DAY)
+    pos = labels.on_purchase(s, T0 + DAY, user_id="u1")
     assert [(e["label"], e["ts"], e["labelled_at"]) for e in pos] == [(1, T0, T0 + DAY)]
     assert [p["ts"] for p in s["pending"]] == [T0 + DAY, T0 + 2 * DAY]
     # A second after the end of its horizon a purchase no longer labels a snapshot.
@@ -91,17 +91,31 @@ def test_late_purchase_inside_the_horizon_wins_until_the_watermark_passes() -> N
 def test_example_shape_and_deterministic_keys() -> None:
     a, b = labels.new_state(), labels.new_state()
     for st in (a, b):
-        labels.on_scored(st, {"x": 1.0}, T0, user_id="u1", score=0.25)
-        labels.on_scored(st, {"x": 1.0}, T0 + 2 * DAY, user_id="u1")
-    ea = labels.expire(a, T0 + 100 * DAY)
-    eb = labels.expire(b, T0 + 100 * DAY)
+        labels.on_scored(st, {"x": 1.0}, T0, score=0.25)
+        labels.on_scored(st, {"x": 1.0}, T0 + 2 * DAY)
+    assert all("key" not in s for s in a["pending"])  # computed at emission, not stored
+    ea = labels.expire(a, T0 + 100 * DAY, user_id="u1")
+    eb = labels.expire(b, T0 + 100 * DAY, user_id="u1")
     assert ea == eb
     assert set(ea[0]) == {"features", "label", "ts", "labelled_at", "key", "score"}
     assert ea[0]["score"] == 0.25 and "score" not in ea[1]
     assert ea[0]["key"] != ea[1]["key"]
     other = labels.new_state()
-    labels.on_scored(other, {"x": 1.0}, T0, user_id="u2")
-    assert labels.expire(other, T0 + 100 * DAY)[0]["key"] != ea[0]["key"]
+    labels.on_scored(other, {"x": 1.0}, T0)
+    assert labels.expire(other, T0 + 100 * DAY, user_id="u2")[0]["key"] != ea[0]["key"]
+
+
+def test_keys_are_those_snapshots_stored_before_and_a_stored_key_is_kept() -> None:
+    """Snapshots used to carry their key, hashed at scoring time from the same user, time and
+    features: an example emitted now has the key it had then, and a snapshot stored with a
+    key (a profile written by the code before) keeps it."""
+    new, stored = labels.new_state(), labels.new_state()
+    labels.on_scored(new, {"x": 1.23456}, T0)
+    labels.on_scored(stored, {"x": 1.23456}, T0)
+    stored["pending"][0]["key"] = "stored-key"
+    (example,) = labels.on_purchase(new, T0 + DAY, user_id="u1")
+    assert example["key"] == "b427083934142cd8a8acf58e"  # the hash the code before stored
+    assert labels.on_purchase(stored, T0 + DAY, user_id="u1")[0]["key"] == "stored-key"
 
 
 def test_hold_until_due_emits_positives_in_snapshot_order() -> None:
@@ -135,10 +149,10 @@ def engine_step(profile: dict[str, Any], event: Event) -> list[dict[str, Any]]:
     """The documented call order: snapshot -> apply the event -> on_purchase."""
     state = profile.setdefault(labels.STATE_KEY, labels.new_state())
     features = feature_vector(profile, now=event["ts"])
-    labels.on_scored(state, features, event["ts"], user_id=profile["user_id"])
+    labels.on_scored(state, features, event["ts"])
     apply_event(profile, event)
     if event["event"] == ORDER_COMPLETED:
-        return labels.on_purchase(state, event["ts"])
+        return labels.on_purchase(state, event["ts"], user_id=profile["user_id"])
     return []
 
 
@@ -175,7 +189,7 @@ def test_replay_gives_the_same_examples() -> None:
             out += engine_step(profile, ev(PRODUCT_VIEWED, T0 + k * DAY, category="c"))
             if k % 4 == 3:
                 out += engine_step(profile, ev(ORDER_COMPLETED, T0 + k * DAY + 3600, total=9.0))
-        return out + labels.expire(profile[labels.STATE_KEY], T0 + 100 * DAY)
+        return out + labels.expire(profile[labels.STATE_KEY], T0 + 100 * DAY, user_id="u1")
 
     first = replay()
     assert first == replay()

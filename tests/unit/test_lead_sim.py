@@ -58,8 +58,8 @@ def run() -> dict[str, Any]:
 
     def tick(now: float) -> None:
         examples = []
-        for p in profiles.values():
-            examples += labels.expire(p[labels.STATE_KEY], now)
+        for uid, p in profiles.items():
+            examples += labels.expire(p[labels.STATE_KEY], now, user_id=uid)
         examples.sort(key=lambda e: (e["ts"], e["key"]))
         if examples:
             ys = [e["label"] for e in examples]
@@ -72,7 +72,7 @@ def run() -> dict[str, Any]:
         features = [feature_vector(profiles[u], now=now) for u in uids]
         scores = model.predict_many(features) if features else []
         for uid, f, score in zip(uids, features, scores, strict=True):
-            labels.on_scored(profiles[uid][labels.STATE_KEY], f, now, user_id=uid, score=score)
+            labels.on_scored(profiles[uid][labels.STATE_KEY], f, now, score=score)
 
     next_tick = sim.start + _DAY
     for raw in sim.events():
