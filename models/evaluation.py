@@ -24,14 +24,18 @@ can reset the model to the last good snapshot.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from river import drift
+import river
 
-__all__ = ["LOGLOSS_EPS", "ProgressiveValidator", "roc_auc"]
+__all__ = ["LOGLOSS_EPS", "ProgressiveValidator", "adwin_class", "roc_auc"]
 
 LOGLOSS_EPS = 1e-15
 """Probabilities are clipped to [eps, 1 - eps] before the log loss (max loss ~34.5)."""
@@ -46,6 +50,39 @@ class _Detector(Protocol):
     drift_detected: bool
 
     def update(self, x: float) -> Any: ...
+
+
+@functools.cache
+def adwin_class() -> type:
+    """River's ``ADWIN`` class, without importing the rest of ``river.drift``.
+
+    Why: the ``river.drift`` package imports every detector and River's datasets when it is
+    imported, and they import scipy.stats (and scikit-learn where it is installed): about
+    100 MiB resident in every worker, a tenth of its budget for a million profiles, and a
+    second of start-up, for one class. River's ``drift/adwin.py`` itself imports only River's
+    base classes and its compiled window, so it is loaded alone, under its own module name:
+    a later ``import river.drift`` finds it there and serves the same class. Where that file
+    is not (another River layout), or ``river.drift`` is already imported, the package's
+    class is used.
+
+    >>> adwin_class().__module__, adwin_class().__name__
+    ('river.drift.adwin', 'ADWIN')
+    """
+    name = "river.drift.adwin"
+    if "river.drift" not in sys.modules and name not in sys.modules:
+        path = Path(river.__file__).parent / "drift" / "adwin.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is not None and spec.loader is not None and path.is_file():
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+                return module.ADWIN
+            except Exception:
+                del sys.modules[name]
+    from river.drift import ADWIN
+
+    return ADWIN
 
 
 def roc_auc(y_true: Sequence[Any] | np.ndarray, y_prob: Sequence[float] | np.ndarray) -> float:
@@ -68,14 +105,17 @@ class ProgressiveValidator:
     Parameters:
         window_size: examples in the rolling ROC AUC and rolling log loss.
         drift_detector: any River drift detector fed each example's log loss, divided by the
-            maximum log loss so it stays in [0, 1]; default ``drift.ADWIN()``.
+            maximum log loss so it stays in [0, 1]; default River's ``ADWIN()`` (see
+            :func:`adwin_class`).
     """
 
     def __init__(self, *, window_size: int = 1000, drift_detector: _Detector | None = None):
         if window_size < 1:
             raise ValueError("window_size must be >= 1")
         self.window_size = window_size
-        self.drift_detector: _Detector = drift.ADWIN() if drift_detector is None else drift_detector
+        self.drift_detector: _Detector = (
+            adwin_class()() if drift_detector is None else drift_detector
+        )
         self.examples = 0
         self.positives = 0
         self.drifts = 0

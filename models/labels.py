@@ -168,9 +168,7 @@ def expire(state: dict[str, Any], watermark: float, *, user_id: str = "") -> lis
     if not done:
         return []
     state["pending"] = [s for s in pending if not s["due"] < watermark]
-    return [
-        _example(s, s.get("label", 0), s.get("labelled_at", s["due"]), user_id) for s in done
-    ]
+    return [_example(s, s.get("label", 0), s.get("labelled_at", s["due"]), user_id) for s in done]
 
 
 def next_due(state: dict[str, Any]) -> float | None:
@@ -185,9 +183,7 @@ def _by_ts(snap: dict[str, Any]) -> float:
     return snap["ts"]
 
 
-def _example(
-    snap: dict[str, Any], label: int, labelled_at: float, user_id: str
-) -> dict[str, Any]:
+def _example(snap: dict[str, Any], label: int, labelled_at: float, user_id: str) -> dict[str, Any]:
     # Snapshots stored before keys were computed at emission carry their own.
     key = snap.get("key") or _key(user_id, snap["ts"], snap["features"])
     example = {"features": snap["features"], "label": label, "ts": snap["ts"],
