@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Iterable
 
 
 class PartitionClocks:
@@ -181,6 +182,12 @@ class TimerIndex:
         """The user's live deadline, if any."""
         return self._due.get(partition, {}).get(user)
 
+    def _live(self, partition: int, number: int, names: Iterable[bytes]) -> dict[bytes, float]:
+        """Of ``names`` found in bucket ``number``, the users whose live deadline is in that
+        bucket, with it (each once: a user scheduled into a bucket twice is there twice)."""
+        dues, of = self._due[partition], self._number
+        return {user: dues[user] for user in names if user in dues and of(dues[user]) == number}
+
     def _earliest(self, partition: int, last: float) -> list[tuple[float, bytes]] | None:
         """The heap of the earliest bucket with a live user, if its number is at most
         ``last``: opened now if it was not, stale pairs on top dropped, empty buckets removed.
@@ -191,10 +198,7 @@ class TimerIndex:
             number = numbers[0]
             heap = opened.get(number)
             if heap is None:
-                names = self._buckets[partition].pop(number)
-                of = self._number
-                live = {user: dues[user] for user in names
-                        if user in dues and of(dues[user]) == number}  # fmt: skip
+                live = self._live(partition, number, self._buckets[partition].pop(number))
                 heap = [(due, user) for user, due in live.items()]
                 heapq.heapify(heap)
                 opened[number] = heap
@@ -242,7 +246,6 @@ class TimerIndex:
         (2, 1, 0)
         """
         last = self._last_number(watermark)
-        dues = self._due.get(partition, {})
         backlog: set[bytes] = set()
         for number in self._numbers.get(partition, ()):
             if number > last:
@@ -250,10 +253,8 @@ class TimerIndex:
             heap = self._opened[partition].get(number)
             names = (user for _, user in heap) if heap is not None else (
                 self._buckets[partition][number])  # fmt: skip
-            for user in names:
-                due = dues.get(user)
-                if due is not None and due < watermark and self._number(due) == number:
-                    backlog.add(user)
+            live = self._live(partition, number, names)
+            backlog.update(user for user, due in live.items() if due < watermark)
         return len(backlog)
 
     def forget(self, partition: int) -> None:
